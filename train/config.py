@@ -158,7 +158,8 @@ class TrainConfig:
     ``run_dir`` defaults to ``runs/<preset>``; a run dir that already holds checkpoints needs
     ``resume`` (continue them) or ``overwrite`` (delete them and start over). ``stop_after``
     ends this invocation after that many steps (the schedule still spans ``steps``; continue
-    with ``--resume``). ``xla_options`` is a JSON object of XLA compiler options for every
+    with ``--resume``). ``stop_at_accuracy`` ends the run (with a checkpoint) at the first
+    evaluation whose accuracy reaches it, e.g. ``0.99`` for MQAR. ``xla_options`` is a JSON object of XLA compiler options for every
     compiled function, e.g. ``'{"xla_backend_optimization_level": 0}'`` (CPU programs compile
     about 3x faster and run somewhat slower; the tests use it).
     """
@@ -181,6 +182,7 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     stop_after: int | None = None
+    stop_at_accuracy: float | None = None
     progress: bool = True
     xla_options: str = "{}"
 
@@ -204,6 +206,8 @@ class TrainConfig:
             raise ValueError("resume and overwrite exclude each other; pass only one")
         if self.stop_after is not None and self.stop_after <= 0:
             raise ValueError(f"stop_after must be positive; got {self.stop_after}")
+        if self.stop_at_accuracy is not None and not 0.0 <= self.stop_at_accuracy <= 1.0:
+            raise ValueError(f"stop_at_accuracy must be in [0, 1]; got {self.stop_at_accuracy}")
         try:
             xla = json.loads(self.xla_options)
         except json.JSONDecodeError as e:
@@ -267,6 +271,7 @@ def _mqar(mixer: str) -> TrainConfig:
         steps=3000,
         batch_size=64,
         eval_every=250,
+        stop_at_accuracy=0.99,
         checkpoint=CheckpointConfig(every=250, keep=2),
     )
 

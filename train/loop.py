@@ -461,12 +461,20 @@ def fit(
                 flush(step)
                 last_eval = evaluate(step)
                 t_flush = time.time()  # tokens/s counts training time only
+                target = cfg.stop_at_accuracy
+                if target is not None and last_eval["accuracy"] >= target:
+                    writer.message(
+                        f"step {step}: eval accuracy {last_eval['accuracy']:.4f} >= "
+                        f"stop_at_accuracy {target}; stopping"
+                    )
+                    break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != end_step:
                 flush(step)
                 save(step)
                 t_flush = time.time()
         flush(step)
-        if step > first_step or not last_eval:
+        stopped_early = cfg.stop_at_accuracy is not None and step < end_step
+        if (step > first_step or not last_eval) and not stopped_early:
             last_eval = evaluate(step)
         if step > first_step:
             save(step)

@@ -111,6 +111,18 @@ def _check_mesh(mesh, axis_name, batch_axis, batch: int) -> int:
     return mesh.shape[axis_name]
 
 
+def _validate_like_unsharded(op, args, log_decay):
+    """Run every argument check of the unsharded op on the global shapes.
+
+    ``jax.eval_shape`` traces the op (nothing is computed); the value check on a concrete
+    ``log_decay`` (which tracing skips) is done directly.
+    """
+    if log_decay is not None and not isinstance(log_decay, jax.core.Tracer):
+        if jnp.issubdtype(log_decay.dtype, jnp.floating):
+            api._check_nonpositive(log_decay)
+    jax.eval_shape(op, *args)
+
+
 def _asarray(x):
     return None if x is None else jnp.asarray(x)
 
@@ -121,6 +133,12 @@ def _pad_time(x, tp, mode="constant"):
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, tp - x.shape[1])
     return jnp.pad(x, pad, mode=mode)
+
+
+def _varying(x, axis_name):
+    """Mark a constant as varying over ``axis_name`` (shard_map's type check requires a scan
+    carry that becomes per-shard data to start out per-shard)."""
+    return lax.pcast(x, (axis_name,), to="varying")
 
 
 def _precision(dtype):
@@ -185,7 +203,8 @@ def _gla_local(q, k, v, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     b, tl, h, dk = q.shape
     dv = v.shape[-1]
     o_loc, s_loc = api.gated_linear_attention(
-        q, k, v, g, scale=scale, initial_state=None, return_final_state=True,
+        q, k, v, g, scale=scale, initial_state=_varying(jnp.zeros((b, h, dk, dv), F32), axis_name),
+        return_final_state=True,
         segment_ids=seg, **op_kwargs,
     )
     if g is None:
@@ -207,7 +226,8 @@ def _gla_local(q, k, v, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     packed = jnp.concatenate([s_loc, diag[..., None]], axis=-1)  # [b, h, k, v + 1]
     gathered = lax.all_gather(packed, axis_name)  # [n, b, h, k, v + 1]
     s_in_all, final = _prefix(
-        lambda m, s: m[..., None] * s, gathered[..., :dv], gathered[..., dv], resets, s0
+        lambda m, s: m[..., None] * s, gathered[..., :dv], gathered[..., dv], resets,
+        _varying(s0, axis_name),
     )
     s_in = s_in_all[lax.axis_index(axis_name)]
     qw = q.astype(F32) * scale * w_gate
@@ -255,11 +275,13 @@ def gated_linear_attention_sp(
         _asarray(x) for x in (q, k, v, log_decay, initial_state, segment_ids)
     )
     # Every argument check of the unsharded op, on the global shapes (trace only, no compute).
-    jax.eval_shape(
-        lambda: api.gated_linear_attention(
-            q, k, v, log_decay, scale=scale, initial_state=initial_state,
-            segment_ids=segment_ids, chunk_size=chunk_size, implementation="reference",
-        )
+    _validate_like_unsharded(
+        lambda q_, k_, v_, g_, s0_, seg_: api.gated_linear_attention(
+            q_, k_, v_, g_, scale=scale, initial_state=s0_, segment_ids=seg_,
+            chunk_size=chunk_size, implementation="reference",
+        ),
+        (q, k, v, log_decay, initial_state, segment_ids),
+        log_decay,
     )
     b, t, h, dk = q.shape
     dv = v.shape[-1]
@@ -319,7 +341,8 @@ def _delta_local(q, k, v, beta, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     eye = jnp.broadcast_to(jnp.eye(dk, dtype=F32), (b, h, dk, dk))
     s0_aug = jnp.concatenate([jnp.zeros((b, h, dk, dv), F32), eye], axis=-1)
     o_aug, s_aug = api.delta_rule(
-        q, k, v_aug, beta, g, scale=scale, initial_state=s0_aug, return_final_state=True,
+        q, k, v_aug, beta, g, scale=scale, initial_state=_varying(s0_aug, axis_name),
+        return_final_state=True,
         segment_ids=seg, **op_kwargs,
     )
     o_loc, w = o_aug[..., :dv], o_aug[..., dv:]  # w_t = P_t^T scale q_t  [b, tl, h, k]
@@ -329,7 +352,7 @@ def _delta_local(q, k, v, beta, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     gathered = lax.all_gather(s_aug, axis_name)  # [n, b, h, k, v + k]: (L_s | M_s)
     s_in_all, final = _prefix(
         lambda m, s: jnp.einsum("bhij,bhjv->bhiv", m, s, precision=lax.Precision.HIGHEST),
-        gathered[..., :dv], gathered[..., dv:], resets, s0,
+        gathered[..., :dv], gathered[..., dv:], resets, _varying(s0, axis_name),
     )
     s_in = s_in_all[lax.axis_index(axis_name)]
     extra = jnp.einsum("bthk,bhkv->bthv", w.astype(F32), s_in, precision=prec)
@@ -372,11 +395,13 @@ def delta_rule_sp(
     q, k, v, beta, log_decay, initial_state, segment_ids = (
         _asarray(x) for x in (q, k, v, beta, log_decay, initial_state, segment_ids)
     )
-    jax.eval_shape(
-        lambda: api.delta_rule(
-            q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-            segment_ids=segment_ids, chunk_size=chunk_size, implementation="reference",
-        )
+    _validate_like_unsharded(
+        lambda q_, k_, v_, b_, g_, s0_, seg_: api.delta_rule(
+            q_, k_, v_, b_, g_, scale=scale, initial_state=s0_, segment_ids=seg_,
+            chunk_size=chunk_size, implementation="reference",
+        ),
+        (q, k, v, beta, log_decay, initial_state, segment_ids),
+        log_decay,
     )
     b, t, h, dk = q.shape
     dv = v.shape[-1]

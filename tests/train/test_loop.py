@@ -173,3 +173,16 @@ def test_incomplete_distributed_config(monkeypatch):
     assert initialize_distributed(DistributedConfig()) is False
     with pytest.raises(ValueError, match="a multi-process launch needs all of"):
         initialize_distributed(DistributedConfig(coordinator_address="localhost:1234"))
+
+
+def test_stop_at_accuracy_ends_at_the_first_eval_that_reaches_it(tmp_path):
+    cfg = micro_config(tmp_path, eval_every=2, stop_at_accuracy=0.0)
+    res = fit(cfg, devices=_one_device(), print_fn=lambda s: None)
+    assert res.final_step == 2 and len(res.losses) == 2
+    assert "accuracy" in res.eval_metrics
+    assert ckpt_lib.Checkpointer(res.checkpoint_dir).steps()[-1] == 2
+
+
+def test_stop_at_accuracy_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match=r"stop_at_accuracy must be in \[0, 1\]; got 1.5"):
+        micro_config(tmp_path, stop_at_accuracy=1.5)
