@@ -81,6 +81,11 @@ from pallas_kernels.linear_attention import gated_linear_attention, gated_linear
 from pallas_kernels.linear_attention.block_sizes import check_chunk_size
 
 __all__ = [
+    "param_specs",
+    "init",
+    "apply",
+    "step",
+    "init_state",
     "LinearMixerConfig",
     "RetNetConfig",
     "LightningConfig",
@@ -94,7 +99,6 @@ __all__ = [
     "lightning_step",
     "lightnet_apply",
     "lightnet_step",
-    "init_state",
 ]
 
 IMPLEMENTATIONS = (None, "pallas", "xla", "reference")
@@ -280,7 +284,9 @@ def check_state(state: Any, name: str, want: Mapping[str, Any]) -> None:
     """``state`` must be a dict with the keys and shapes of ``init_state`` (``want``)."""
     if not isinstance(state, Mapping) or set(state) != set(want):
         got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-        raise ValueError(f"{name} must be a dict with keys {sorted(want)} (see init_state); got {got}")
+        raise ValueError(
+            f"{name} must be a dict with keys {sorted(want)} (see init_state); got {got}"
+        )
     for key, w in want.items():
         if tuple(jnp.shape(state[key])) != tuple(w.shape):
             raise ValueError(
@@ -367,6 +373,24 @@ def init_state(cfg: LinearMixerConfig, batch: int, dtype: Any = F32) -> dict[str
     elif isinstance(cfg, LightNetConfig):
         state["log_z"] = jnp.full((batch, cfg.num_heads, cfg.dk), -jnp.inf, F32)
     return state
+
+
+def param_specs(cfg: LinearMixerConfig) -> Mapping[str, Any]:
+    """The param specs of whichever registered mixer ``cfg`` configures."""
+    return core.param_specs(cfg)
+
+
+def init(key: jax.Array, cfg: LinearMixerConfig) -> core.Params:
+    return core.init(key, cfg)
+
+
+def apply(params: core.Params, x: jax.Array, cfg: LinearMixerConfig, **kwargs: Any):
+    """The ``apply`` of whichever mixer ``cfg`` configures (see the mixer contract)."""
+    return core.apply(params, x, cfg, **kwargs)
+
+
+def step(params: core.Params, state: dict[str, jax.Array], x_t: jax.Array, cfg):
+    return core.step(params, state, x_t, cfg)
 
 
 def _broadcast_decay(log_decay: np.ndarray, b: int, t: int) -> jax.Array:
@@ -548,7 +572,9 @@ def _lightning_output(params, o, u, cfg: LightningConfig):
 
 def lightning_apply(params, x, cfg: LightningConfig, **kwargs):
     """TransNormerLLM NormAttention over ``x [b, t, d]``; ``positions`` are ignored."""
-    return run_mixer(_lightning_features, _lightning_output, init_state, 1.0, params, x, cfg, **kwargs)
+    return run_mixer(
+        _lightning_features, _lightning_output, init_state, 1.0, params, x, cfg, **kwargs
+    )
 
 
 def lightning_step(params, state, x_t, cfg: LightningConfig):
@@ -605,7 +631,9 @@ def _lightnet_features(params, x, cfg: LightNetConfig, prev, segment_ids, positi
     k = jnp.exp(a - log_z).astype(x.dtype)
     low = dense.apply(params["gate_down"], x, projection(cfg, d, r, kernel_axes=("embed", None)))
     gate = dense.apply(params["gate_up"], low, projection(cfg, r, h * cfg.dv))
-    return Features(heads(q, h), k, heads(v, h), log_ratio(prev_z, log_z), {"log_z": log_z[:, -1]}, gate)
+    return Features(
+        heads(q, h), k, heads(v, h), log_ratio(prev_z, log_z), {"log_z": log_z[:, -1]}, gate
+    )
 
 
 def _lightnet_output(params, o, gate, cfg: LightNetConfig):

@@ -203,7 +203,7 @@ def hedgehog(params: core.Params, x: jax.Array) -> jax.Array:
             f"hedgehog kernel must have shape [heads, key_dim, feature_dim] with [heads, "
             f"key_dim] = {tuple(x.shape[-2:])}; got {w.shape}"
         )
-    z = jnp.einsum("...hk,hkf->...hf", _f32(x), w, precision=jax.lax.Precision.HIGHEST)
+    z = jnp.einsum("...hk,hkf->...hf", _f32(x), w)
     z = z + b.reshape((1,) * (z.ndim - 2) + b.shape)
     return jax.nn.softmax(jnp.concatenate([z, -z], axis=-1), axis=-1)
 

@@ -49,7 +49,7 @@ maps with params (Hedgehog: ``{"q"|"k": {"kernel": [h, k, f'], "bias": [h, f']}}
 
 The module also holds helpers shared by the other mixers of this package:
 :func:`qkv_param_specs`, :func:`project_qkv`, :func:`head_rms_norm`, :func:`linear_scan`,
-:func:`check_segment_ids`, :func:`segment_resets`.
+:func:`check_segment_ids`, :func:`segment_resets`, :func:`segment_runs`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ __all__ = [
     "linear_scan",
     "check_segment_ids",
     "segment_resets",
+    "segment_runs",
 ]
 
 IMPLEMENTATIONS = (None, "pallas", "xla", "reference")
@@ -174,6 +175,14 @@ def segment_resets(segment_ids: jax.Array | None) -> jax.Array | None:
         return None
     change = segment_ids[:, 1:] != segment_ids[:, :-1]
     return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+def segment_runs(segment_ids: jax.Array | None, batch: int, time: int) -> jax.Array:
+    """``[b, t]`` int32 sequence index: 0 for the first run, +1 wherever the id changes."""
+    resets = segment_resets(segment_ids)
+    if resets is None:
+        return jnp.zeros((batch, time), jnp.int32)
+    return jnp.cumsum(resets.astype(jnp.int32), axis=1)
 
 
 def linear_scan(

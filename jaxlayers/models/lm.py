@@ -12,7 +12,7 @@ hybrid stacks (e.g. 3 linear-attention : 1 softmax-attention layers) are plain c
 Params::
 
     {"embed": {...}, "blocks": {"0": {...}, "1": {...}, ...}, "final_norm": {...},
-     ["unembed": {"kernel": [d, vocab]}]}
+     ["unembed": {"kernel": [d, vocab]}], ["head": {...}]}
 
 With ``scan_layers=True`` (every block identical) ``"blocks"`` is instead *one* block's tree whose
 leaves carry a leading ``[layers]`` axis (logical name ``"layers"``), and the stack runs under
@@ -68,6 +68,9 @@ class LMConfig(core.LayerConfig):
       blocks: one :class:`BlockConfig` per layer, bottom to top.
       tie_embeddings: compute logits with the embedding table (``x E^T``); else a separate
         ``"unembed"`` kernel ``[d, vocab]``.
+      head: any registered layer ``[..., d] -> [..., vocab]`` used as the output head instead of
+        the (tied or separate) unembedding, e.g. a VQ-Logits head (params ``"head"``); needs
+        ``tie_embeddings=False``.
       final_norm: "rms", "layer" or None: the norm before the unembedding.
       embed_norm: normalize the embedding output (an option some Peri-LN models use).
       norm_eps: epsilon of the final and embedding norms.
@@ -82,6 +85,7 @@ class LMConfig(core.LayerConfig):
     d_model: int
     blocks: tuple[BlockConfig, ...]
     tie_embeddings: bool = True
+    head: Any = None
     final_norm: str | None = "rms"
     embed_norm: bool = False
     norm_eps: float = 1e-6
@@ -106,6 +110,14 @@ class LMConfig(core.LayerConfig):
                     f"blocks[{i}].d_model must equal d_model={self.d_model}; got {b.d_model}"
                 )
         core.check_choice(self.final_norm, FINAL_NORMS, "final_norm")
+        if self.head is not None:
+            core.layer_fns(self.head)  # registered?
+            if self.tie_embeddings:
+                raise ValueError("head replaces the unembedding: set tie_embeddings=False")
+            for field, want in (("d_model", self.d_model), ("vocab_size", self.vocab_size)):
+                got = getattr(self.head, field, want)
+                if got != want:
+                    raise ValueError(f"head.{field} must equal {field}={want}; got {got}")
         if self.scan_layers and any(b != self.blocks[0] for b in self.blocks):
             raise ValueError("scan_layers=True needs identical blocks; got a mixed stack")
 
@@ -260,7 +272,9 @@ def param_specs(cfg: LMConfig) -> dict[str, Any]:
         specs["blocks"] = {str(i): block_lib.param_specs(b) for i, b in enumerate(cfg.blocks)}
     if cfg.final_norm is not None:
         specs["final_norm"] = dict(core.param_specs(cfg.norm_config(cfg.final_norm)))
-    if not cfg.tie_embeddings:
+    if cfg.head is not None:
+        specs["head"] = dict(core.param_specs(cfg.head))
+    elif not cfg.tie_embeddings:
         specs["unembed"] = dict(core.param_specs(cfg.unembed_config))
     return specs
 
@@ -306,7 +320,9 @@ def _embed(params: core.Params, tokens: jax.Array, cfg: LMConfig) -> jax.Array:
 def _logits(params: core.Params, x: jax.Array, cfg: LMConfig) -> jax.Array:
     if cfg.final_norm is not None:
         x = core.apply(params["final_norm"], x, cfg.norm_config(cfg.final_norm))
-    if cfg.tie_embeddings:
+    if cfg.head is not None:
+        logits = core.apply(params["head"], x, cfg.head)
+    elif cfg.tie_embeddings:
         logits = embedding.attend(params["embed"], x, cfg.embed_config)
     else:
         logits = core.apply(params["unembed"], x, cfg.unembed_config)
