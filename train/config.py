@@ -159,8 +159,8 @@ class TrainConfig:
     ``resume`` (continue them) or ``overwrite`` (delete them and start over). ``stop_after``
     ends this invocation after that many steps (the schedule still spans ``steps``; continue
     with ``--resume``). ``stop_at_accuracy`` ends the run (with a checkpoint) at the first
-    evaluation whose accuracy reaches it, e.g. ``0.99`` for MQAR. ``xla_options`` is a JSON object of XLA compiler options for every
-    compiled function, e.g. ``'{"xla_backend_optimization_level": 0}'`` (CPU programs compile
+    evaluation whose accuracy reaches it, e.g. ``0.99`` for MQAR. ``xla_options`` is a JSON
+    object of XLA compiler options for every compiled function, e.g. ``'{"xla_backend_optimization_level": 0}'`` (CPU programs compile
     about 3x faster and run somewhat slower; the tests use it).
     """
 

@@ -67,7 +67,10 @@ def test_default_scale_is_inverse_sqrt_key_dim(key):
 def test_python_scalar_and_numpy_inputs_are_accepted(key):
     x = _inputs(key, gate="head")
     o_np = api.gated_linear_attention(
-        np.asarray(x["q"]), np.asarray(x["k"]), np.asarray(x["v"]), np.asarray(x["log_decay"]),
+        np.asarray(x["q"]),
+        np.asarray(x["k"]),
+        np.asarray(x["v"]),
+        np.asarray(x["log_decay"]),
         implementation="xla",
     )
     o_jx = _call("gla", x, implementation="xla")
@@ -308,7 +311,11 @@ def test_delta_bad_input(name, make, match, key):
 
 
 STEP_ERRORS = [
-    ("q_t rank", lambda s: dict(q_t=s["q_t"][0]), r"q_t must have rank 3 \[batch, heads, key_dim\]"),
+    (
+        "q_t rank",
+        lambda s: dict(q_t=s["q_t"][0]),
+        r"q_t must have rank 3 \[batch, heads, key_dim\]",
+    ),
     (
         "k_t shape",
         lambda s: dict(k_t=s["k_t"][..., :8]),
