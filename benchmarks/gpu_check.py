@@ -166,7 +166,8 @@ def part_correct_la(args):
                                              for x in jax.tree.leaves((o, s, g))))
                 except Exception as e:  # record and continue
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                    ERRORS.append(f"correct {variant} {row['shape']} {row['dtype']}: {row['error']}")
+                    where = f"correct {variant} {row['shape']} {row['dtype']}"
+                    ERRORS.append(f"{where}: {row['error']}")
                 ROWS.append(row)
                 print(row, flush=True)
 
@@ -299,7 +300,6 @@ def part_lookup(args, copy_gbps):
 def part_peers(args):
     import torch
     import triton
-
     from fla.ops.delta_rule import chunk_delta_rule
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     from fla.ops.gla import chunk_gla
@@ -321,16 +321,16 @@ def part_peers(args):
             gk = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K, device=dev) + 4.0)
             for t in (q, k, v, beta, gs, gk):
                 t.requires_grad_(True)
-            if variant == "la":
-                fn = lambda: chunk_simple_gla(q, k, v, g=None)[0]  # noqa: E731
-            elif variant == "scalar":
-                fn = lambda: chunk_simple_gla(q, k, v, g=gs)[0]  # noqa: E731
-            elif variant == "gla":
-                fn = lambda: chunk_gla(q, k, v, g=gk)[0]  # noqa: E731
-            elif variant == "delta":
-                fn = lambda: chunk_delta_rule(q, k, v, beta)[0]  # noqa: E731
-            else:
-                fn = lambda: chunk_gated_delta_rule(q, k, v, gs, beta)[0]  # noqa: E731
+            peer_fns = {
+                "la": lambda q=q, k=k, v=v: chunk_simple_gla(q, k, v, g=None)[0],
+                "scalar": lambda q=q, k=k, v=v, g=gs: chunk_simple_gla(q, k, v, g=g)[0],
+                "gla": lambda q=q, k=k, v=v, g=gk: chunk_gla(q, k, v, g=g)[0],
+                "delta": lambda q=q, k=k, v=v, b=beta: chunk_delta_rule(q, k, v, b)[0],
+                "gated_delta": (
+                    lambda q=q, k=k, v=v, g=gs, b=beta: chunk_gated_delta_rule(q, k, v, g, b)[0]
+                ),
+            }
+            fn = peer_fns[variant]
             row = {"part": "la", "op": variant, "shape": shape, "impl": "fla", "T": T}
             try:
                 row["fwd_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100,

@@ -32,7 +32,10 @@ class Timing:
 
 
 def _block(x):
-    return jax.tree.map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
+    def ready(a):
+        return a.block_until_ready() if hasattr(a, "block_until_ready") else a
+
+    return jax.tree.map(ready, x)
 
 
 def peak_memory_bytes() -> int | None:

@@ -160,8 +160,9 @@ class TrainConfig:
     ends this invocation after that many steps (the schedule still spans ``steps``; continue
     with ``--resume``). ``stop_at_accuracy`` ends the run (with a checkpoint) at the first
     evaluation whose accuracy reaches it, e.g. ``0.99`` for MQAR. ``xla_options`` is a JSON
-    object of XLA compiler options for every compiled function, e.g. ``'{"xla_backend_optimization_level": 0}'`` (CPU programs compile
-    about 3x faster and run somewhat slower; the tests use it).
+    object of XLA compiler options for every compiled function, e.g.
+    ``'{"xla_backend_optimization_level": 0}'`` (CPU programs compile about 3x faster and run
+    somewhat slower; the tests use it).
     """
 
     preset: str = "custom"
