@@ -48,7 +48,7 @@ def _la_fn(variant: str, impl: str):
 
 
 def linear_attention(
-    Ts=(1024, 2048, 4096, 8192, 16384),
+    Ts=(256, 512, 1024, 2048, 4096, 8192, 16384),
     B=2,
     H=4,
     D=64,
