@@ -61,11 +61,28 @@ COLUMNS = [
 ]
 
 _ITEMSIZE = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
 }
 _COLLECTIVES = (
-    "all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all",
+    "all-gather",
+    "reduce-scatter",
+    "all-reduce",
+    "collective-permute",
+    "all-to-all",
 )
 # "%name = TYPE op(" where TYPE is one array type or a tuple of them; "-start" async forms
 # carry (operands, results) tuples; "-done" forms are skipped (they would double count).
@@ -80,8 +97,9 @@ def _array_bytes(type_str: str) -> list[int]:
     for dt, dims in _ARRAY.findall(type_str):
         if dt not in _ITEMSIZE:
             continue
-        out.append(int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-                   * _ITEMSIZE[dt])
+        out.append(
+            int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64)) * _ITEMSIZE[dt]
+        )
     return out
 
 
@@ -128,9 +146,7 @@ def _allgather_kv(op: str, mesh: Mesh, axis: str):
         return lax.dynamic_slice_in_dim(o, s * tl, tl, axis=1)
 
     spec = P(None, axis)
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False
-    )
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
 
 
 def _lasp2(op: str, mesh: Mesh, axis: str):
@@ -148,8 +164,13 @@ def _shapes(op, gate, B, T, H, K, V):
     f32 = jnp.float32
     s = jax.ShapeDtypeStruct
     g_shape = (B, T, H, K) if gate == "key" else (B, T, H)
-    return (s((B, T, H, K), f32), s((B, T, H, K), f32), s((B, T, H, V), f32),
-            s(g_shape, f32), s((B, T, H), f32))
+    return (
+        s((B, T, H, K), f32),
+        s((B, T, H, K), f32),
+        s((B, T, H, V), f32),
+        s(g_shape, f32),
+        s((B, T, H), f32),
+    )
 
 
 def _analytic(op, method, gate, n, B, T, H, K, V) -> int:
@@ -213,16 +234,23 @@ def comm_volume_rows(
                 else:
                     fwd_txt = jax.jit(fn).lower(*shapes).compile().as_text()
                     fwd_b, all_b = collective_bytes(fwd_txt).get("all-gather", 0), None
-                rows.append({
-                    "op": op if op == "delta" else f"gla/{op_gate}",
-                    "method": method,
-                    "T": T,
-                    "shards": n,
-                    "B": B, "H": H, "K": K, "V": V,
-                    "allgather_bytes_analytic": _analytic(op, method, op_gate, n, B, T, H, K, V),
-                    "allgather_bytes_measured": fwd_b,
-                    "fwdbwd_collective_bytes": all_b,
-                })
+                rows.append(
+                    {
+                        "op": op if op == "delta" else f"gla/{op_gate}",
+                        "method": method,
+                        "T": T,
+                        "shards": n,
+                        "B": B,
+                        "H": H,
+                        "K": K,
+                        "V": V,
+                        "allgather_bytes_analytic": _analytic(
+                            op, method, op_gate, n, B, T, H, K, V
+                        ),
+                        "allgather_bytes_measured": fwd_b,
+                        "fwdbwd_collective_bytes": all_b,
+                    }
+                )
     return rows
 
 
@@ -234,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/out")
     args = p.parse_args(argv)
     if jax.device_count() < 2:
-        print("scaleout needs >= 2 devices; on CPU set "
-              "XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts")
+        print(
+            "scaleout needs >= 2 devices; on CPU set "
+            "XLA_FLAGS=--xla_force_host_platform_device_count=8 before JAX starts"
+        )
         return 1
     if args.quick:
         rows = comm_volume_rows(Ts=(256, 1024), H=2, K=16, V=16, with_backward=False)

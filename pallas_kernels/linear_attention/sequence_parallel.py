@@ -56,9 +56,23 @@ reduce-scatter of the same size) and the local op's own ``custom_vjp`` (or autod
 inputs replicated. ``batch_axis`` additionally splits the batch over a second mesh axis (data
 parallel); heads are not split here.
 
+Choices the paper leaves open. LASP-2 gathers the per-shard memory states and sums prefixes;
+decays, the delta rule's non-diagonal transition and segment resets are handled as above.
+Alternatives not taken: re-running the local op with ``initial_state = S_in`` (a second full
+local pass that must wait for the all_gather; the correction here is one einsum) and, for the
+delta rule, multiplying the per-chunk WY transitions out explicitly (``T / (n C)`` sequential
+``k x k x k`` products per head, and a second code path beside the kernels).
+
+Cost per shard, forward: the local op on ``T/n`` tokens (value width ``v + k`` for the delta
+rule), one einsum ``[T/n, k] x [k, v]`` per head for the correction, the prefix (``n`` state
+updates; ``k x k`` matmuls for the delta rule), and one all_gather of ``n b h k (v + 1)``
+(GLA) or ``n b h k (v + k)`` (delta) float32 per device, independent of ``T``. The backward adds
+the local op's backward and a reduce-scatter of the same size.
+
 Precision: the local outputs come back from the op in ``v``'s dtype and the correction is added
-in float32 before the final cast (for bf16 inputs one extra bf16 rounding of ``o_loc``). The
-prefix and the correction use ``HIGHEST`` matmul precision for float32 inputs.
+in float32 before the final cast (for bf16 inputs one extra bf16 rounding of ``o_loc``, and for
+the delta rule ``w_t`` is rounded to bf16 too). The delta prefix uses ``HIGHEST`` matmul
+precision; the correction uses it for float32 inputs (``DEFAULT`` otherwise).
 """
 
 from __future__ import annotations
@@ -174,24 +188,56 @@ def _prefix(apply_transition, local_states, transitions, resets, s0):
     return s_in, outs[-1]
 
 
-def _run_sharded(local_fn, mesh, axis_name, batch_axis, args, specs):
-    """shard_map ``local_fn`` over time; returns ``(o, final_state)``.
+def _run_sharded(body, mesh, axis_name, batch_axis, timed, s0):
+    """shard_map ``body(timed, s0)`` over time; returns ``(o, final_state)``.
 
-    Every shard computes the same final state from the same gathered data, so it is returned
-    replicated over ``axis_name`` (no communication). ``check_vma=False``: the local ops start
-    some scans from constant carries, which shard_map's varying-axes type check rejects; the
-    specs here are exact, so nothing is lost (autodiff of a replicated output is handled by
-    shard_map either way).
+    ``timed`` maps names to the time-major inputs (``[batch, time, ...]``, padded; None entries
+    are dropped and reach ``body`` as missing keys). Every shard computes the same final state
+    from the same gathered data, so it is returned replicated over ``axis_name`` (no
+    communication). ``check_vma=False``: the local ops start some scans from constant carries,
+    which shard_map's varying-axes type check rejects; the specs here are exact, and autodiff
+    of the replicated output is handled by shard_map either way.
     """
-    out_specs = (P(batch_axis, axis_name), P(batch_axis))
+    timed = {name: x for name, x in timed.items() if x is not None}
+    specs = {name: P(batch_axis, axis_name, *([None] * (x.ndim - 2))) for name, x in timed.items()}
+    timed = {name: to_explicit_spec(x, mesh, specs[name]) for name, x in timed.items()}
+    s0 = to_explicit_spec(s0, mesh, P(batch_axis))
     fn = jax.shard_map(
-        local_fn, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False
+        body,
+        mesh=mesh,
+        in_specs=(specs, P(batch_axis)),
+        out_specs=(P(batch_axis, axis_name), P(batch_axis)),
+        check_vma=False,
     )
-    return fn(*args)
+    return fn(timed, s0)
 
 
-def _time_spec(batch_axis, axis_name, ndim):
-    return P(batch_axis, axis_name, *([None] * (ndim - 2)))
+def to_explicit_spec(x, mesh, spec):
+    """Reshard ``x`` to ``spec`` over the mesh's Explicit axes (``jax.make_mesh`` default).
+
+    shard_map reshards inputs over Auto axes itself but requires inputs whose sharding over
+    Explicit axes already matches ``in_specs``. Auto axes in ``spec`` are left to shard_map.
+    """
+    types = getattr(mesh, "axis_types", None)
+    if types is None:
+        return x
+    explicit = {
+        n
+        for n, t in zip(mesh.axis_names, types, strict=True)
+        if t == jax.sharding.AxisType.Explicit
+    }
+    if not explicit:
+        return x
+    parts = [a if a in explicit else None for a in tuple(spec) + (None,) * (x.ndim - len(spec))]
+    return jax.reshard(x, jax.sharding.NamedSharding(mesh, P(*parts)))
+
+
+def _unpad(o, t, mesh, batch_axis):
+    """Drop the padded steps. Over an Explicit sequence axis a length that the shards do not
+    divide cannot stay sharded: the output is then gathered over time first."""
+    if o.shape[1] == t:
+        return o
+    return to_explicit_spec(o, mesh, P(batch_axis))[:, :t]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,14 +245,21 @@ def _time_spec(batch_axis, axis_name, ndim):
 # ---------------------------------------------------------------------------------------------
 
 
-def _gla_local(q, k, v, g, seg, s0, *, axis_name, n, scale, op_kwargs):
+def _gla_local(xs, s0, *, axis_name, n, scale, op_kwargs):
     """Per-shard body of :func:`gated_linear_attention_sp` (local shapes)."""
+    q, k, v, g, seg = xs["q"], xs["k"], xs["v"], xs.get("g"), xs.get("seg")
     b, tl, h, dk = q.shape
     dv = v.shape[-1]
     o_loc, s_loc = api.gated_linear_attention(
-        q, k, v, g, scale=scale, initial_state=None,
+        q,
+        k,
+        v,
+        g,
+        scale=scale,
+        initial_state=None,
         return_final_state=True,
-        segment_ids=seg, **op_kwargs,
+        segment_ids=seg,
+        **op_kwargs,
     )
     if g is None:
         w_gate = jnp.ones((b, tl, h, dk), F32)
@@ -227,7 +280,10 @@ def _gla_local(q, k, v, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     packed = jnp.concatenate([s_loc, diag[..., None]], axis=-1)  # [b, h, k, v + 1]
     gathered = lax.all_gather(packed, axis_name)  # [n, b, h, k, v + 1]
     s_in_all, final = _prefix(
-        lambda m, s: m[..., None] * s, gathered[..., :dv], gathered[..., dv], resets,
+        lambda m, s: m[..., None] * s,
+        gathered[..., :dv],
+        gathered[..., dv],
+        resets,
         s0,
     )
     s_in = s_in_all[lax.axis_index(axis_name)]
@@ -278,8 +334,15 @@ def gated_linear_attention_sp(
     # Every argument check of the unsharded op, on the global shapes (trace only, no compute).
     _validate_like_unsharded(
         lambda q_, k_, v_, g_, s0_, seg_: api.gated_linear_attention(
-            q_, k_, v_, g_, scale=scale, initial_state=s0_, segment_ids=seg_,
-            chunk_size=chunk_size, implementation="reference",
+            q_,
+            k_,
+            v_,
+            g_,
+            scale=scale,
+            initial_state=s0_,
+            segment_ids=seg_,
+            chunk_size=chunk_size,
+            implementation="reference",
         ),
         (q, k, v, log_decay, initial_state, segment_ids),
         log_decay,
@@ -291,42 +354,15 @@ def gated_linear_attention_sp(
     tp = -(-t // n) * n
     g = None if log_decay is None else log_decay.astype(F32)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    qp, kp, vp, gp = (_pad_time(x, tp) for x in (q, k, v, g))
-    segp = _pad_time(seg, tp, mode="edge")
+    timed = {name: _pad_time(x, tp) for name, x in dict(q=q, k=k, v=v, g=g).items()}
+    timed["seg"] = _pad_time(seg, tp, mode="edge")
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
 
     op_kwargs = dict(chunk_size=chunk_size, implementation=implementation, interpret=interpret)
-    body = functools.partial(
-        _gla_local, axis_name=axis_name, n=n, scale=scale, op_kwargs=op_kwargs
-    )
-    args, specs = _collect_args(
-        batch_axis, axis_name, body, qp, kp, vp, gp, segp, s0, names=("g", "seg")
-    )
-    o, final = _run_sharded(args[0], mesh, axis_name, batch_axis, args[1:], specs)
-    o = o[:, :t]
+    body = functools.partial(_gla_local, axis_name=axis_name, n=n, scale=scale, op_kwargs=op_kwargs)
+    o, final = _run_sharded(body, mesh, axis_name, batch_axis, timed, s0)
+    o = _unpad(o, t, mesh, batch_axis)
     return (o, final) if return_final_state else o
-
-
-def _collect_args(batch_axis, axis_name, body, *arrays, names):
-    """Drop the optional (None) time-sharded arrays from the shard_map signature.
-
-    ``arrays`` are the time-sharded inputs (q, k, v, then the optional ones named by ``names``)
-    followed by the initial state. Returns ``((local_fn, *present_arrays), in_specs)``.
-    """
-    *timed, s0 = arrays
-    fixed, optional = timed[: len(timed) - len(names)], timed[len(timed) - len(names) :]
-    present = [x is not None for x in optional]
-
-    def local_fn(*xs):
-        it = iter(xs)
-        main = [next(it) for _ in fixed]
-        opt = [next(it) if p else None for p in present]
-        s0_local = next(it)
-        return body(*main, *opt, s0_local)
-
-    used = fixed + [x for x in optional if x is not None]
-    specs = tuple(_time_spec(batch_axis, axis_name, x.ndim) for x in used) + (P(batch_axis),)
-    return (local_fn, *used, s0), specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,17 +370,26 @@ def _collect_args(batch_axis, axis_name, body, *arrays, names):
 # ---------------------------------------------------------------------------------------------
 
 
-def _delta_local(q, k, v, beta, g, seg, s0, *, axis_name, n, scale, op_kwargs):
+def _delta_local(xs, s0, *, axis_name, n, scale, op_kwargs):
     """Per-shard body of :func:`delta_rule_sp` (local shapes)."""
+    q, k, v, beta = xs["q"], xs["k"], xs["v"], xs["beta"]
+    g, seg = xs.get("g"), xs.get("seg")
     b, tl, h, dk = q.shape
     dv = v.shape[-1]
     v_aug = jnp.concatenate([v, jnp.zeros((b, tl, h, dk), v.dtype)], axis=-1)
     eye = jnp.broadcast_to(jnp.eye(dk, dtype=F32), (b, h, dk, dk))
     s0_aug = jnp.concatenate([jnp.zeros((b, h, dk, dv), F32), eye], axis=-1)
     o_aug, s_aug = api.delta_rule(
-        q, k, v_aug, beta, g, scale=scale, initial_state=s0_aug,
+        q,
+        k,
+        v_aug,
+        beta,
+        g,
+        scale=scale,
+        initial_state=s0_aug,
         return_final_state=True,
-        segment_ids=seg, **op_kwargs,
+        segment_ids=seg,
+        **op_kwargs,
     )
     o_loc, w = o_aug[..., :dv], o_aug[..., dv:]  # w_t = P_t^T scale q_t  [b, tl, h, k]
     resets = None if seg is None else _shard_start_resets(seg, axis_name, n)
@@ -353,7 +398,10 @@ def _delta_local(q, k, v, beta, g, seg, s0, *, axis_name, n, scale, op_kwargs):
     gathered = lax.all_gather(s_aug, axis_name)  # [n, b, h, k, v + k]: (L_s | M_s)
     s_in_all, final = _prefix(
         lambda m, s: jnp.einsum("bhij,bhjv->bhiv", m, s, precision=lax.Precision.HIGHEST),
-        gathered[..., :dv], gathered[..., dv:], resets, s0,
+        gathered[..., :dv],
+        gathered[..., dv:],
+        resets,
+        s0,
     )
     s_in = s_in_all[lax.axis_index(axis_name)]
     extra = jnp.einsum("bthk,bhkv->bthv", w.astype(F32), s_in, precision=prec)
@@ -398,8 +446,16 @@ def delta_rule_sp(
     )
     _validate_like_unsharded(
         lambda q_, k_, v_, b_, g_, s0_, seg_: api.delta_rule(
-            q_, k_, v_, b_, g_, scale=scale, initial_state=s0_, segment_ids=seg_,
-            chunk_size=chunk_size, implementation="reference",
+            q_,
+            k_,
+            v_,
+            b_,
+            g_,
+            scale=scale,
+            initial_state=s0_,
+            segment_ids=seg_,
+            chunk_size=chunk_size,
+            implementation="reference",
         ),
         (q, k, v, beta, log_decay, initial_state, segment_ids),
         log_decay,
@@ -411,17 +467,15 @@ def delta_rule_sp(
     tp = -(-t // n) * n
     g = None if log_decay is None else log_decay.astype(F32)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
-    qp, kp, vp, bp, gp = (_pad_time(x, tp) for x in (q, k, v, beta.astype(F32), g))
-    segp = _pad_time(seg, tp, mode="edge")
+    timed = dict(q=q, k=k, v=v, beta=beta.astype(F32), g=g)
+    timed = {name: _pad_time(x, tp) for name, x in timed.items()}
+    timed["seg"] = _pad_time(seg, tp, mode="edge")
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
 
     op_kwargs = dict(chunk_size=chunk_size, implementation=implementation, interpret=interpret)
     body = functools.partial(
         _delta_local, axis_name=axis_name, n=n, scale=scale, op_kwargs=op_kwargs
     )
-    args, specs = _collect_args(
-        batch_axis, axis_name, body, qp, kp, vp, bp, gp, segp, s0, names=("g", "seg")
-    )
-    o, final = _run_sharded(args[0], mesh, axis_name, batch_axis, args[1:], specs)
-    o = o[:, :t]
+    o, final = _run_sharded(body, mesh, axis_name, batch_axis, timed, s0)
+    o = _unpad(o, t, mesh, batch_axis)
     return (o, final) if return_final_state else o

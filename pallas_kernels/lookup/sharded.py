@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from ..linear_attention.sequence_parallel import to_explicit_spec
 from . import api
 
 __all__ = ["gather_sum_sharded"]
@@ -107,17 +108,19 @@ def gather_sum_sharded(
     def local(idx, w, tab):
         first = lax.axis_index(axis_name) * rows
         y = api.gather_sum(
-            idx - first, w, tab, implementation=implementation, interpret=interpret,
+            idx - first,
+            w,
+            tab,
+            implementation=implementation,
+            interpret=interpret,
             check_indices=False,
         )
         return lax.psum(y, axis_name)
 
     tok = P(token_axis, None)
-    fn = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(tok, tok, P(None, axis_name, None)),
-        out_specs=tok,
-        check_vma=False,
-    )
-    return fn(jnp.asarray(indices), jnp.asarray(weights), jnp.asarray(tables))
+    specs = (tok, tok, P(None, axis_name, None))
+    # check_vma=False: the local gather_sum scans from constant carries, which shard_map's
+    # varying-axes type check rejects; the specs are exact and psum makes y replicated.
+    fn = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=tok, check_vma=False)
+    args = (jnp.asarray(indices), jnp.asarray(weights), jnp.asarray(tables))
+    return fn(*(to_explicit_spec(x, mesh, s) for x, s in zip(args, specs, strict=True)))
