@@ -54,6 +54,8 @@ _WORDS = {
     "hgrn2": "HGRN2",
     "ttt": "TTT",
     "peer": "PEER",
+    "slab": "SLAB",
+    "lit": "LiT",
     "prelu": "PReLU",
     "velu": "VeLU",
     "evonorm": "EvoNorm",

@@ -248,9 +248,7 @@ def norm_aware_key(k: jax.Array, power: float = 3.0) -> jax.Array:
     return jnp.concatenate([_pow(jax.nn.relu(k), power), _pow(jax.nn.relu(-k), power)], axis=-1)
 
 
-def apply(
-    fm: FeatureMap, params: core.Params | None, x: jax.Array, role: str = "q"
-) -> jax.Array:
+def apply(fm: FeatureMap, params: core.Params | None, x: jax.Array, role: str = "q") -> jax.Array:
     """``phi(x)`` for ``x [..., h, k]`` -> float32 ``[..., h, output_dim(fm, k)]``.
 
     Args:

@@ -234,7 +234,9 @@ def full_form(
     b, t, h, _ = fq.shape
     scores = jnp.einsum("bihf,bjhf->bhij", fq, fk, preferred_element_type=jnp.float32)
     a = scale * scores * decay_mask(log_lambda, segment_ids, b, t, h)
-    num = jnp.einsum("bhij,bjhv->bihv", a.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    # Batch dims leading in the output: XLA:CPU has no bf16 x bf16 -> f32 dot for "bihv".
+    num = jnp.einsum("bhij,bjhv->bhiv", a.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    num = jnp.moveaxis(num, 1, 2)
     den = jnp.moveaxis(jnp.sum(a, axis=-1), 1, 2) if normalize else None  # [b, t, h]
     return _divide(num, den, normalize, eps)
 
@@ -290,10 +292,9 @@ def two_scan_form(
     if normalize:
         decay_f = None if g_fwd is None else jnp.exp(g_fwd)
         decay_b = None if g_bwd is None else jnp.exp(g_bwd)
-        z_f = la.linear_scan(fk32, decay=decay_f, resets=la.segment_resets(segment_ids))
-        z_b = la.linear_scan(
-            rev(fk32), decay=decay_b, resets=la.segment_resets(rev(segment_ids))
-        )[:, ::-1]
+        resets_f, resets_b = la.segment_resets(segment_ids), la.segment_resets(rev(segment_ids))
+        z_f = la.linear_scan(fk32, decay=decay_f, resets=resets_f)
+        z_b = la.linear_scan(rev(fk32), decay=decay_b, resets=resets_b)[:, ::-1]
         den = scale * jnp.einsum("bthf,bthf->bth", fq32, z_f + z_b, precision=_HI) - self_score
     return _divide(num, den, normalize, eps)
 

@@ -154,7 +154,10 @@ def param_specs(cfg: _NonCausalConfig) -> dict[str, Any]:
         kernel = core.ParamSpec((ks, k), _conv_init(ks), (None, None))
     else:
         kernel = core.ParamSpec((ks, ks, k), _conv_init(ks * ks), (None, None, None))
-    specs["dwc"] = {"kernel": kernel, "bias": core.ParamSpec((k,), core.initializers.zeros, (None,))}
+    specs["dwc"] = {
+        "kernel": kernel,
+        "bias": core.ParamSpec((k,), core.initializers.zeros, (None,)),
+    }
     return specs
 
 
@@ -214,7 +217,9 @@ def global_linear_attention(fq: jax.Array, fk: jax.Array, v: jax.Array, eps: flo
     """``phi(q_i)^T sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j) + eps)`` over all
     tokens: ``fq, fk [b, n, h, f]``, ``v [b, n, h, k]`` -> float32 ``[b, n, h, k]``."""
     kv = jnp.einsum("bnhf,bnhv->bhfv", fk, v, preferred_element_type=jnp.float32)
-    num = jnp.einsum("bnhf,bhfv->bnhv", fq, kv.astype(fq.dtype), preferred_element_type=jnp.float32)
+    # Batch dims leading in the output: XLA:CPU has no bf16 x bf16 -> f32 dot for "bnhv".
+    num = jnp.einsum("bnhf,bhfv->bhnv", fq, kv.astype(fq.dtype), preferred_element_type=jnp.float32)
+    num = jnp.moveaxis(num, 1, 2)
     ksum = jnp.sum(fk.astype(jnp.float32), axis=1)  # [b, h, f]
     den = jnp.einsum("bnhf,bhf->bnh", fq.astype(jnp.float32), ksum, precision=_HI)
     return num / (den[..., None] + eps)

@@ -135,3 +135,65 @@ def test_registered():
     assert core.layer_fns("rms_norm").apply is norms.rms_norm
     assert core.layer_fns("layer_norm").apply is norms.layer_norm
     assert core.layer_fns(norms.RMSNormConfig(dim=2)).kind == "norm"
+
+
+# ----------------------------------------------------------------------------------------------
+# BatchNorm: batch statistics in training, running statistics at eval, a pure state
+# ----------------------------------------------------------------------------------------------
+
+
+def _naive_bn_train(x, scale, bias, eps):
+    x = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+    mu, var = x.mean(0), x.var(0)
+    return (x - mu) / np.sqrt(var + eps) * scale + bias, mu, var
+
+
+def test_batch_norm_train_and_running_stats(key):
+    rng = _rng(key)
+    cfg = norms.BatchNormConfig(dim=12, momentum=0.2)
+    params = {
+        "scale": jnp.asarray(1 + 0.3 * rng.standard_normal(12), jnp.float32),
+        "bias": jnp.asarray(0.3 * rng.standard_normal(12), jnp.float32),
+    }
+    x = 1.5 + 2.0 * rng.standard_normal((3, 7, 12))
+    stats = {"mean": jnp.full((12,), 0.5, jnp.float32), "var": jnp.full((12,), 2.0, jnp.float32)}
+    fn = jax.jit(lambda p, x, s: norms.batch_norm(p, x, cfg, stats=s, train=True))
+    y, new = fn(params, jnp.asarray(x, jnp.float32), stats)
+    want, mu, var = _naive_bn_train(
+        x, np.asarray(params["scale"]), np.asarray(params["bias"]), cfg.eps
+    )
+    assert_rel_close(y, want.reshape(x.shape), tolerances.forward(jnp.float32))
+    n = 21
+    assert_rel_close(new["mean"], 0.8 * 0.5 + 0.2 * mu, 1e-6)
+    assert_rel_close(new["var"], 0.8 * 2.0 + 0.2 * var * n / (n - 1), 1e-6)
+    # eval: the running statistics, as an affine map
+    y_eval = norms.batch_norm(params, jnp.asarray(x, jnp.float32), cfg, stats=new)
+    s, b = np.asarray(params["scale"], np.float64), np.asarray(params["bias"], np.float64)
+    m, v = np.asarray(new["mean"], np.float64), np.asarray(new["var"], np.float64)
+    assert_rel_close(
+        y_eval, (x - m) / np.sqrt(v + cfg.eps) * s + b, tolerances.forward(jnp.float32)
+    )
+    # the dispatching apply and the registry agree
+    assert core.layer_fns("batch_norm").stateful
+    y2, _ = norms.apply(params, jnp.asarray(x, jnp.float32), cfg, stats=stats, train=True)
+    assert_rel_close(y2, y, tolerances.forward(jnp.float32))
+
+
+def test_batch_norm_fresh_stats_in_training(key):
+    cfg = norms.BatchNormConfig(dim=4, use_scale=False, use_bias=False)
+    x = jnp.asarray(_rng(key).standard_normal((5, 4)), jnp.float32)
+    _, new = norms.batch_norm({}, x, cfg, train=True)
+    np.testing.assert_allclose(new["var"], 0.9 + 0.1 * np.var(np.asarray(x), 0, ddof=1), rtol=1e-5)
+
+
+def test_batch_norm_error_eval_without_stats():
+    cfg = norms.BatchNormConfig(dim=4)
+    with pytest.raises(
+        ValueError, match=r"stats must be the running statistics .* when train=False; got None"
+    ):
+        norms.batch_norm(norms.init(jax.random.key(0), cfg), jnp.ones((2, 4)), cfg)
+
+
+def test_batch_norm_error_momentum():
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\]; got momentum=2"):
+        norms.BatchNormConfig(dim=4, momentum=2)
