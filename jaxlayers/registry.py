@@ -54,6 +54,7 @@ _WORDS = {
     "hgrn2": "HGRN2",
     "ttt": "TTT",
     "peer": "PEER",
+    "lolcats": "LoLCATs",
     "slab": "SLAB",
     "lit": "LiT",
     "prelu": "PReLU",

@@ -36,7 +36,7 @@ Implementations (``cfg.implementation``, the same function):
              through a dense ``[C, C]`` block with the hierarchical weights, and at the end the
              old states merge (level ``l`` moves to ``max(l, ℓ(p', p))``, ``p'`` the next
              chunk's start) and the chunk's keys are added at ``ℓ(p', s)``. Cost per token
-             ``O(C (k + v) + L k v)``; chunks need no alignment, so any ``initial_state`` offset
+             ``O(C (k + v + L) + L k v)``; chunks need no alignment, so any ``initial_state`` offset
              works. ``step`` is the same code with one-token chunks.
   "naive"    the ``[T, T]`` masked matrix ``M_ts = λ_t^(ℓ(t,s)) exp(G_t - G_s)`` (``O(T^2)``).
 
@@ -121,7 +121,9 @@ def _proj_cfgs(cfg: Config) -> dict[str, dense.Config]:
         "q": dense.Config(d_in=d, d_out=d, use_bias=False, kernel_axes=into, **common),
         "k": dense.Config(d_in=d, d_out=d, use_bias=False, kernel_axes=into, **common),
         "v": dense.Config(d_in=d, d_out=d, use_bias=False, kernel_axes=into, **common),
-        "o": dense.Config(d_in=d, d_out=d, use_bias=False, kernel_axes=("heads", "embed"), **common),
+        "o": dense.Config(
+            d_in=d, d_out=d, use_bias=False, kernel_axes=("heads", "embed"), **common
+        ),
         "lam": dense.Config(d_in=d, d_out=h * L, kernel_axes=into, **common),
     }
     if cfg.gated:
@@ -425,4 +427,3 @@ core.register_layer(
     ),
     kind="mixer",
 )
-

@@ -174,9 +174,9 @@ def _mix(params) -> jax.Array:
 
 def _combine(mix, win_num, win_den, lin_num, lin_den):
     """``[..., h, k]`` numerators and ``[..., h]`` denominators -> ``y [..., h, k]``."""
-    f = mix[..., :, None]
-    num = f * win_num + (1.0 - f) * lin_num
-    den = mix * win_den + (1.0 - mix) * lin_den
+    f = mix.reshape((1,) * (win_den.ndim - 1) + mix.shape)
+    num = f[..., None] * win_num + (1.0 - f[..., None]) * lin_num
+    den = f * win_den + (1.0 - f) * lin_den
     return num / den[..., None]
 
 
@@ -221,9 +221,7 @@ def _project(params, x, cfg: Config):
     pc = _proj_cfgs(cfg)
     lead = x.shape[:-1]
     h, dk = cfg.num_heads, cfg.head_dim
-    return tuple(
-        dense.apply(params[n], x, pc[n]).reshape(lead + (h, dk)) for n in ("q", "k", "v")
-    )
+    return tuple(dense.apply(params[n], x, pc[n]).reshape(lead + (h, dk)) for n in ("q", "k", "v"))
 
 
 def _check_x(x, cfg: Config, name: str, rank: int, layout: str):
@@ -427,8 +425,6 @@ core.register_layer(
     apply=apply,
     init_state=init_state,
     step=step,
-    example=core.Example(
-        config=Config(d_model=16, num_heads=2, window=4), input_shape=(2, 11, 16)
-    ),
+    example=core.Example(config=Config(d_model=16, num_heads=2, window=4), input_shape=(2, 11, 16)),
     kind="mixer",
 )

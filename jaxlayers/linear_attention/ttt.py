@@ -37,17 +37,18 @@ The ``1/k`` (head dim) keeps the step ``η ||k_t||^2`` of order ``base_lr`` for 
 (the authors' code divides by the head dim too). Gradients within a mini-batch are *summed* as in
 the paper's equations (no ``1/position`` averaging).
 
-``LN`` is a per-head LayerNorm with learned scale ``γ`` and bias ``β`` (``[h, k]``), and ``W_0`` (the
-initial weight, ``[h, k, k]``) is learned in the outer loop, as in the paper. The loss gradient
+``LN`` is a per-head LayerNorm with learned scale ``γ`` and bias ``β`` (``[h, k]``), and ``W_0``
+(the initial weight, ``[h, k, k]``) is learned in the outer loop, as in the paper. The loss gradient
 through the LayerNorm is written out in closed form (the standard LayerNorm backward), so the
 dual form needs no nested autodiff.
 
 Special case: ``mini_batch_size=1`` is online gradient descent. With ``inner_layer_norm=False``
 and ``inner_residual=False`` the loss is ``1/2 ||k_t W - v_t||^2`` whose gradient is
-``k_tᵀ (k_t W - v_t)``, so ``W_t = (I - η_t k_t k_tᵀ) W_{t-1} + η_t k_t v_tᵀ`` and ``z_t = q_t W_t``:
-exactly the delta rule (DeltaNet) with ``β_t = η_t``, state ``S = W`` and ``scale = 1``. With the
-LayerNorm the gradient is not linear in ``W`` and there is no such reduction. Larger mini-batches
-are *not* the delta rule either (all gradients of a mini-batch use ``W_0'``).
+``k_tᵀ (k_t W - v_t)``, so ``W_t = (I - η_t k_t k_tᵀ) W_{t-1} + η_t k_t v_tᵀ`` and
+``z_t = q_t W_t``: exactly the delta rule (DeltaNet) with ``β_t = η_t``, state ``S = W`` and
+``scale = 1``. With the LayerNorm the gradient is not linear in ``W`` and there is no such
+reduction. Larger mini-batches are *not* the delta rule either (all gradients of a mini-batch
+use ``W_0'``).
 
 Simplifications relative to the paper / the authors' code (documented choices):
   * no bias in the inner linear model (``f(x) = x + LN(x W)``);
@@ -231,7 +232,7 @@ def _grad_z(z, k, v, gamma, beta, cfg: Config):
 
 
 def _inner_loss(w, k, v, gamma, beta, cfg: Config):
-    """``Σ_{b,h} l(W_bh)`` for one token per (batch, head): ``k, v [b, h, k]``, ``w [b, h, k, k]``."""
+    """``Σ_{b,h} l(W_bh)``, one token per (batch, head): ``k, v [b, h, k]``, ``w [b, h, k, k]``."""
     f = _head(jnp.einsum("bhi,bhij->bhj", k, w), k, gamma, beta, cfg)
     return 0.5 * jnp.sum(jnp.square(f - v))
 
@@ -328,7 +329,7 @@ def inner_loop(q, k, v, eta, inner, cfg: Config, *, initial_state=None):
 
 
 def project(params: core.Params, x: jax.Array, cfg: Config):
-    """``q, k, v [..., h, k]`` in the compute dtype and ``η [..., h]`` float32 from ``x [..., d]``."""
+    """``q, k, v [..., h, k]`` (compute dtype) and ``η [..., h]`` (float32) from ``x [..., d]``."""
     pc = _proj_cfgs(cfg)
     lead = x.shape[:-1]
     h, dk = cfg.num_heads, cfg.head_dim
@@ -431,4 +432,3 @@ core.register_layer(
     ),
     kind="mixer",
 )
-
