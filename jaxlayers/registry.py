@@ -54,6 +54,8 @@ _WORDS = {
     "hgrn2": "HGRN2",
     "ttt": "TTT",
     "peer": "PEER",
+    "sltrain": "SLTrain",
+    "qk": "QK",
     "lolcats": "LoLCATs",
     "slab": "SLAB",
     "lit": "LiT",
