@@ -1,5 +1,6 @@
 """The benchmark harness must keep running: one --quick pass over every suite."""
 
+import importlib.util
 import json
 
 import jax
@@ -20,6 +21,24 @@ def test_quick_all_suites(tmp_path):
     assert ("gla", "xla") in impls and ("softmax", "xla") in impls
     assert all(r["fwdbwd_ms"] > 0 for r in payload["rows"])
     assert (tmp_path / "lookup.json").exists()
+
+    layers = json.loads((tmp_path / "layers.json").read_text())["rows"]
+    timed = {(r["part"], r["layer"]) for r in layers if r.get("fwdbwd_ms")}
+    assert ("mixer", "attention") in timed and ("projection", "dense") in timed
+    assert all(r["ratio"] == 1.0 for r in layers if r["layer"] in ("attention", "dense"))
+    assert (tmp_path / "layers.png").exists()
+
+    training = json.loads((tmp_path / "training.json").read_text())["rows"]
+    assert any(r["mixer"] == "attention" and r["tokens_per_s"] > 0 for r in training)
+
+    peers = json.loads((tmp_path / "peers.json").read_text())
+    if peers["skipped"] is None:  # torch installed: every peer and ours agree
+        assert all(r["rel_err"] < 1e-4 for r in peers["rows"]), peers["rows"]
+    else:
+        assert peers["rows"] == [] and "install" in peers["skipped"]
+
+    if importlib.util.find_spec("benchmarks.scaleout") is not None:
+        assert (tmp_path / "scaleout.json").exists()
 
 
 def test_slope_and_crossover_helpers():
