@@ -54,6 +54,8 @@ _WORDS = {
     "hgrn2": "HGRN2",
     "ttt": "TTT",
     "peer": "PEER",
+    "lightnet": "LightNet",
+    "regla": "ReGLA",
     "sltrain": "SLTrain",
     "qk": "QK",
     "lolcats": "LoLCATs",

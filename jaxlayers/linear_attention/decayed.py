@@ -35,10 +35,10 @@ normalises the output instead::
     y    = (SRMSNorm(o) * U) W_o,   SRMSNorm(z) = z / sqrt(mean(z^2) + eps) over all h*v dims
 
 ``lambda_n = exp(-s_n (1 - l / (L - 1) + 1e-5))`` with ``s_n`` the ALiBi slopes of ``h`` heads
-(``2^(-8(n+1)/h)`` for a power of two) and ``l = layer_index`` of ``L = num_layers`` (as in
-the public TransNormerLLM code; the paper writes the same schedule as
-``exp(-8n/h (1 - l/L))``); ``L = 1`` uses the first-layer rate. TransNormerLLM's LRPE rotation
-(used in some of its layers) is left out.
+(``2^(-8(n+1)/h)`` for a power of two) and ``l = layer_index`` of ``L = num_layers``: the
+closed form of the public TransNormerLLM code (the paper states the same idea, geometric rates
+over heads that shrink with depth, in a slightly different closed form). ``L = 1`` uses the
+first-layer rate. TransNormerLLM's LRPE rotation (used in some of its layers) is left out.
 
 **LightNet** ("You Only Scan Once: Efficient Multi-dimension Sequential Modeling with LightNet"),
 the additive recurrence: per key channel ``i``, the state is a running average of values
@@ -294,12 +294,6 @@ def check_state(state: Any, name: str, want: Mapping[str, Any]) -> None:
             )
 
 
-def _op_kwargs(cfg: LinearMixerConfig) -> dict[str, Any]:
-    return dict(
-        chunk_size=cfg.chunk_size, implementation=cfg.implementation, interpret=cfg.interpret
-    )
-
-
 def run_mixer(
     features: FeatureFn,
     output: OutputFn,
@@ -336,7 +330,9 @@ def run_mixer(
         initial_state=None if initial_state is None else initial_state["s"],
         return_final_state=return_state,
         segment_ids=segment_ids,
-        **_op_kwargs(cfg),
+        chunk_size=cfg.chunk_size,
+        implementation=cfg.implementation,
+        interpret=cfg.interpret,
     )
     o, s = out if return_state else (out, None)
     y = output(params, o, f.aux, cfg).astype(dtype)
@@ -360,14 +356,38 @@ def step_mixer(features, output, state_fn, scale, params, state, x_t, cfg):
     return y, {"s": s, **f.carry}
 
 
-def _zeros_state(cfg: LinearMixerConfig, batch: int) -> dict[str, jax.Array]:
-    return {"s": jnp.zeros((batch, cfg.num_heads, cfg.dk, cfg.dv), F32)}
+def mixer_fns(features: FeatureFn, output: OutputFn, scale: Callable, state_fn: Callable, doc: str):
+    """``(apply, step)`` of one mixer from its stages; ``scale(cfg)`` is the op's ``scale``."""
+
+    def apply(params, x, cfg, **kwargs):
+        return run_mixer(features, output, state_fn, scale(cfg), params, x, cfg, **kwargs)
+
+    def step(params, state, x_t, cfg):
+        return step_mixer(features, output, state_fn, scale(cfg), params, state, x_t, cfg)
+
+    apply.__doc__ = doc + "\n\nThe mixer contract's ``apply`` (see the module docstring)."
+    step.__doc__ = "One decoding step: ``x_t [b, d] -> (y_t [b, d], state)``."
+    return apply, step
+
+
+def inv_sqrt_key_dim(cfg: LinearMixerConfig) -> float:
+    return cfg.dk**-0.5
+
+
+def proj(params, name: str, x: jax.Array, cfg: LinearMixerConfig, d_out: int, **kw):
+    """``dense.apply`` of ``params[name]`` (a :func:`projection`) to ``x [..., d_in]``."""
+    return dense.apply(params[name], x, projection(cfg, x.shape[-1], d_out, **kw))
+
+
+def project_out(params, y: jax.Array, cfg: LinearMixerConfig) -> jax.Array:
+    """The output projection ``params["o"]``: ``[b, t, h*v] -> [b, t, d]``."""
+    return proj(params, "o", y, cfg, cfg.d_model, into=False)
 
 
 def init_state(cfg: LinearMixerConfig, batch: int, dtype: Any = F32) -> dict[str, jax.Array]:
     """The empty decode state of any mixer in this module (``dtype`` unused: states are float32)."""
     del dtype
-    state = _zeros_state(cfg, batch)
+    state = {"s": jnp.zeros((batch, cfg.num_heads, cfg.dk, cfg.dv), F32)}
     if isinstance(cfg, RetNetConfig):
         state["index"] = jnp.zeros((), jnp.int32)
     elif isinstance(cfg, LightNetConfig):
@@ -375,22 +395,8 @@ def init_state(cfg: LinearMixerConfig, batch: int, dtype: Any = F32) -> dict[str
     return state
 
 
-def param_specs(cfg: LinearMixerConfig) -> Mapping[str, Any]:
-    """The param specs of whichever registered mixer ``cfg`` configures."""
-    return core.param_specs(cfg)
-
-
-def init(key: jax.Array, cfg: LinearMixerConfig) -> core.Params:
-    return core.init(key, cfg)
-
-
-def apply(params: core.Params, x: jax.Array, cfg: LinearMixerConfig, **kwargs: Any):
-    """The ``apply`` of whichever mixer ``cfg`` configures (see the mixer contract)."""
-    return core.apply(params, x, cfg, **kwargs)
-
-
-def step(params: core.Params, state: dict[str, jax.Array], x_t: jax.Array, cfg):
-    return core.step(params, state, x_t, cfg)
+# param_specs / init / apply / step of whichever registered mixer a config configures.
+param_specs, init, apply, step = core.param_specs, core.init, core.apply, core.step
 
 
 def _broadcast_decay(log_decay: np.ndarray, b: int, t: int) -> jax.Array:
@@ -433,7 +439,7 @@ def retnet_log_decays(num_heads: int) -> np.ndarray:
 
 def _retnet_specs(cfg: RetNetConfig) -> dict[str, Any]:
     d, hk, hv = cfg.d_model, cfg.num_heads * cfg.dk, cfg.num_heads * cfg.dv
-    specs = {
+    return {
         "q": dense.param_specs(projection(cfg, d, hk)),
         "k": dense.param_specs(projection(cfg, d, hk)),
         "v": dense.param_specs(projection(cfg, d, hv)),
@@ -441,17 +447,16 @@ def _retnet_specs(cfg: RetNetConfig) -> dict[str, Any]:
         "o": dense.param_specs(projection(cfg, hv, d, into=False)),
         "norm": {"scale": vector_spec(hv), "bias": vector_spec(hv, core.initializers.zeros)},
     }
-    return specs
 
 
 def _retnet_features(params, x, cfg: RetNetConfig, prev, segment_ids, positions) -> Features:
     del segment_ids
     b, t, d = x.shape
     h = cfg.num_heads
-    q = heads(dense.apply(params["q"], x, projection(cfg, d, h * cfg.dk)), h)
-    k = heads(dense.apply(params["k"], x, projection(cfg, d, h * cfg.dk)), h)
-    v = heads(dense.apply(params["v"], x, projection(cfg, d, h * cfg.dv)), h)
-    gate = dense.apply(params["g"], x, projection(cfg, d, h * cfg.dv))
+    q = heads(proj(params, "q", x, cfg, h * cfg.dk), h)
+    k = heads(proj(params, "k", x, cfg, h * cfg.dk), h)
+    v = heads(proj(params, "v", x, cfg, h * cfg.dv), h)
+    gate = proj(params, "g", x, cfg, h * cfg.dv)
     index = jnp.zeros((), jnp.int32) if prev is None else prev["index"].astype(jnp.int32)
     if cfg.use_rope:
         if positions is None:
@@ -474,25 +479,20 @@ def _retnet_output(params, o, gate, cfg: RetNetConfig):
         bias=param_f32(p["bias"], dtype),
     )
     y = (swish(gate) * y).astype(dtype)
-    return dense.apply(params["o"], y, projection(cfg, y.shape[-1], cfg.d_model, into=False))
+    return project_out(params, y, cfg)
 
 
-def retnet_apply(params, x, cfg: RetNetConfig, **kwargs):
-    """RetNet retention over ``x [b, t, d]`` (see the module docstring for the equations).
+retnet_apply, retnet_step = mixer_fns(
+    _retnet_features,
+    _retnet_output,
+    inv_sqrt_key_dim,
+    init_state,
+    """RetNet retention over ``x [b, t, d]``.
 
     ``positions [b, t]`` (int) override the RoPE positions (default ``index + arange(t)`` with
     ``index`` the number of tokens already in ``initial_state``); with ``segment_ids`` positions
-    need not restart (RoPE makes scores depend on position differences only).
-    """
-    return run_mixer(
-        _retnet_features, _retnet_output, init_state, cfg.dk**-0.5, params, x, cfg, **kwargs
-    )
-
-
-def retnet_step(params, state, x_t, cfg: RetNetConfig):
-    return step_mixer(
-        _retnet_features, _retnet_output, init_state, cfg.dk**-0.5, params, state, x_t, cfg
-    )
+    need not restart (RoPE makes scores depend on position differences only).""",
+)
 
 
 # =============================================================================================
@@ -556,10 +556,10 @@ def _lightning_features(params, x, cfg: LightningConfig, prev, segment_ids, posi
     del prev, segment_ids, positions
     b, t, d = x.shape
     h = cfg.num_heads
-    q = swish(dense.apply(params["q"], x, projection(cfg, d, h * cfg.dk))).astype(x.dtype)
-    k = swish(dense.apply(params["k"], x, projection(cfg, d, h * cfg.dk))).astype(x.dtype)
-    v = dense.apply(params["v"], x, projection(cfg, d, h * cfg.dv))
-    u = dense.apply(params["u"], x, projection(cfg, d, h * cfg.dv))
+    q = swish(proj(params, "q", x, cfg, h * cfg.dk)).astype(x.dtype)
+    k = swish(proj(params, "k", x, cfg, h * cfg.dk)).astype(x.dtype)
+    v = proj(params, "v", x, cfg, h * cfg.dv)
+    u = proj(params, "u", x, cfg, h * cfg.dv)
     log_decay = _broadcast_decay(lightning_log_decays(h, cfg.layer_index, cfg.num_layers), b, t)
     return Features(heads(q, h), heads(k, h), heads(v, h), log_decay, {}, u)
 
@@ -567,20 +567,16 @@ def _lightning_features(params, x, cfg: LightningConfig, prev, segment_ids, posi
 def _lightning_output(params, o, u, cfg: LightningConfig):
     y = norm(o, per_head=False, centered=False, eps=cfg.norm_eps) * u.astype(F32)
     y = y.astype(u.dtype)
-    return dense.apply(params["o"], y, projection(cfg, y.shape[-1], cfg.d_model, into=False))
+    return project_out(params, y, cfg)
 
 
-def lightning_apply(params, x, cfg: LightningConfig, **kwargs):
-    """TransNormerLLM NormAttention over ``x [b, t, d]``; ``positions`` are ignored."""
-    return run_mixer(
-        _lightning_features, _lightning_output, init_state, 1.0, params, x, cfg, **kwargs
-    )
-
-
-def lightning_step(params, state, x_t, cfg: LightningConfig):
-    return step_mixer(
-        _lightning_features, _lightning_output, init_state, 1.0, params, state, x_t, cfg
-    )
+lightning_apply, lightning_step = mixer_fns(
+    _lightning_features,
+    _lightning_output,
+    lambda cfg: 1.0,
+    init_state,
+    "TransNormerLLM NormAttention over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
@@ -621,16 +617,16 @@ def _lightnet_specs(cfg: LightNetConfig) -> dict[str, Any]:
 
 def _lightnet_features(params, x, cfg: LightNetConfig, prev, segment_ids, positions):
     del positions
-    d, h, r = cfg.d_model, cfg.num_heads, cfg.gate_low_rank
-    q = swish(dense.apply(params["q"], x, projection(cfg, d, h * cfg.dk))).astype(x.dtype)
-    a = heads(dense.apply(params["k"], x, projection(cfg, d, h * cfg.dk)), h).astype(F32)
-    v = dense.apply(params["v"], x, projection(cfg, d, h * cfg.dv))
+    h, r = cfg.num_heads, cfg.gate_low_rank
+    q = swish(proj(params, "q", x, cfg, h * cfg.dk)).astype(x.dtype)
+    a = heads(proj(params, "k", x, cfg, h * cfg.dk), h).astype(F32)
+    v = proj(params, "v", x, cfg, h * cfg.dv)
     log_z, prev_z = segmented_scan(
         a, segment_ids, None if prev is None else prev["log_z"], jnp.logaddexp
     )
     k = jnp.exp(a - log_z).astype(x.dtype)
-    low = dense.apply(params["gate_down"], x, projection(cfg, d, r, kernel_axes=("embed", None)))
-    gate = dense.apply(params["gate_up"], low, projection(cfg, r, h * cfg.dv))
+    low = proj(params, "gate_down", x, cfg, r, kernel_axes=("embed", None))
+    gate = proj(params, "gate_up", low, cfg, h * cfg.dv)
     return Features(
         heads(q, h), k, heads(v, h), log_ratio(prev_z, log_z), {"log_z": log_z[:, -1]}, gate
     )
@@ -640,20 +636,16 @@ def _lightnet_output(params, o, gate, cfg: LightNetConfig):
     scale = param_f32(params["norm"]["scale"], gate.dtype)
     y = norm(o, per_head=False, centered=False, eps=cfg.norm_eps, scale=scale) * swish(gate)
     y = y.astype(gate.dtype)
-    return dense.apply(params["o"], y, projection(cfg, y.shape[-1], cfg.d_model, into=False))
+    return project_out(params, y, cfg)
 
 
-def lightnet_apply(params, x, cfg: LightNetConfig, **kwargs):
-    """LightNet over ``x [b, t, d]``; ``positions`` are ignored."""
-    return run_mixer(
-        _lightnet_features, _lightnet_output, init_state, cfg.dk**-0.5, params, x, cfg, **kwargs
-    )
-
-
-def lightnet_step(params, state, x_t, cfg: LightNetConfig):
-    return step_mixer(
-        _lightnet_features, _lightnet_output, init_state, cfg.dk**-0.5, params, state, x_t, cfg
-    )
+lightnet_apply, lightnet_step = mixer_fns(
+    _lightnet_features,
+    _lightnet_output,
+    inv_sqrt_key_dim,
+    init_state,
+    "LightNet over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
@@ -661,37 +653,31 @@ def lightnet_step(params, state, x_t, cfg: LightNetConfig):
 # =============================================================================================
 
 _EXAMPLE = dict(d_model=16, num_heads=2, chunk_size=16)
-_SHAPE = (2, 8, 16)
-
-core.register_layer(
-    "retnet",
-    RetNetConfig,
-    param_specs=_retnet_specs,
-    apply=retnet_apply,
-    init_state=init_state,
-    step=retnet_step,
-    example=core.Example(config=RetNetConfig(**_EXAMPLE), input_shape=_SHAPE),
-    kind="mixer",
-)
-core.register_layer(
-    "lightning_attention",
-    LightningConfig,
-    param_specs=_lightning_specs,
-    apply=lightning_apply,
-    init_state=init_state,
-    step=lightning_step,
-    example=core.Example(
-        config=LightningConfig(layer_index=1, num_layers=4, **_EXAMPLE), input_shape=_SHAPE
+_LAYERS = (
+    ("retnet", RetNetConfig(**_EXAMPLE), _retnet_specs, retnet_apply, retnet_step),
+    (
+        "lightning_attention",
+        LightningConfig(layer_index=1, num_layers=4, **_EXAMPLE),
+        _lightning_specs,
+        lightning_apply,
+        lightning_step,
     ),
-    kind="mixer",
+    (
+        "lightnet",
+        LightNetConfig(gate_low_rank=4, **_EXAMPLE),
+        _lightnet_specs,
+        lightnet_apply,
+        lightnet_step,
+    ),
 )
-core.register_layer(
-    "lightnet",
-    LightNetConfig,
-    param_specs=_lightnet_specs,
-    apply=lightnet_apply,
-    init_state=init_state,
-    step=lightnet_step,
-    example=core.Example(config=LightNetConfig(gate_low_rank=4, **_EXAMPLE), input_shape=_SHAPE),
-    kind="mixer",
-)
+for _name, _cfg, _specs, _apply, _step in _LAYERS:
+    core.register_layer(
+        _name,
+        type(_cfg),
+        param_specs=_specs,
+        apply=_apply,
+        init_state=init_state,
+        step=_step,
+        example=core.Example(config=_cfg, input_shape=(2, 8, 16)),
+        kind="mixer",
+    )

@@ -45,9 +45,9 @@ The paper subtracts one maximum over *all* positions and dims from the keys. Tha
 scales every ``o_t`` of a head equally, which the output LayerNorm removes; it needs the whole
 sequence, so it is not causal. The running maximum ``m_t`` (kept in the decode state as
 ``"key_max"``; the rescaling ``exp(m_{t-1} - m_t) <= 1`` folds into the decay) gives bounded
-features, causal decoding and the same output up to the LayerNorm's ``eps``; ``m`` carries no
-gradient (it is a stabiliser). ``log F`` is computed as
-``logsigmoid(a) + log(g + 2 r (1 - g))`` with a log-sum-exp. Forget-gate bias: uniform gate
+features, causal decoding and the same output up to the LayerNorm's ``eps``. ``m`` and the
+query maximum carry no gradient (stabilisers whose effect the LayerNorm removes). ``log F`` is
+``logsigmoid(a) + log(g + 2 r (1 - g))``, formed with a log-sum-exp. Forget-gate bias: uniform gate
 initialisation (``b_g = logit(u)``, ``u ~ U(1/16, 15/16)``, "Improving the Gating Mechanism of
 Recurrent Neural Networks", where the refine gate comes from); refine bias zero. No output gate.
 
@@ -91,15 +91,17 @@ from jaxlayers.linear_attention.decayed import (
     apply,
     heads,
     init,
+    inv_sqrt_key_dim,
     log_ratio,
+    mixer_fns,
     norm,
     param_f32,
     param_specs,
+    proj,
+    project_out,
     projection,
-    run_mixer,
     segmented_scan,
     step,
-    step_mixer,
     swish,
     vector_spec,
 )
@@ -120,6 +122,8 @@ __all__ = [
     "hgrn2_step",
     "regla_apply",
     "regla_step",
+    "refined_log_forget",
+    "regla_variance_scale",
     "mamba2_apply",
     "mamba2_step",
 ]
@@ -132,14 +136,6 @@ def init_state(cfg: LinearMixerConfig, batch: int, dtype: Any = F32) -> dict[str
     if isinstance(cfg, ReGLAConfig):
         state["key_max"] = jnp.full((batch, cfg.num_heads), -jnp.inf, F32)
     return state
-
-
-def _proj(params, name, x, cfg, d_out, **kw):
-    return dense.apply(params[name], x, projection(cfg, x.shape[-1], d_out, **kw))
-
-
-def _out(params, y, cfg):
-    return _proj(params, "o", y, cfg, cfg.d_model, into=False)
 
 
 # =============================================================================================
@@ -192,29 +188,29 @@ def _gla_specs(cfg: GLAConfig) -> dict[str, Any]:
 def _gla_features(params, x, cfg: GLAConfig, prev, segment_ids, positions) -> Features:
     del prev, segment_ids, positions
     h, hk, hv = cfg.num_heads, cfg.num_heads * cfg.dk, cfg.num_heads * cfg.dv
-    q = heads(_proj(params, "q", x, cfg, hk), h)
-    k = heads(_proj(params, "k", x, cfg, hk), h)
-    v = heads(_proj(params, "v", x, cfg, hv), h)
-    low = _proj(params, "decay_down", x, cfg, cfg.gate_low_rank, kernel_axes=("embed", None))
-    logits = _proj(params, "decay_up", low, cfg, hk, use_bias=True).astype(F32)
+    q = heads(proj(params, "q", x, cfg, hk), h)
+    k = heads(proj(params, "k", x, cfg, hk), h)
+    v = heads(proj(params, "v", x, cfg, hv), h)
+    low = proj(params, "decay_down", x, cfg, cfg.gate_low_rank, kernel_axes=("embed", None))
+    logits = proj(params, "decay_up", low, cfg, hk, use_bias=True).astype(F32)
     log_decay = heads(jax.nn.log_sigmoid(logits) / cfg.gate_normalizer, h)
-    gate = _proj(params, "gate", x, cfg, hv, use_bias=True)
+    gate = proj(params, "gate", x, cfg, hv, use_bias=True)
     return Features(q, k, v, log_decay, {}, gate)
 
 
 def _gla_output(params, o, gate, cfg: GLAConfig):
     scale = param_f32(params["norm"]["scale"], gate.dtype)
     y = norm(o, per_head=True, centered=False, eps=cfg.norm_eps, scale=scale) * swish(gate)
-    return _out(params, y.astype(gate.dtype), cfg)
+    return project_out(params, y.astype(gate.dtype), cfg)
 
 
-def gla_apply(params, x, cfg: GLAConfig, **kwargs):
-    """GLA over ``x [b, t, d]`` (mixer contract; ``positions`` ignored)."""
-    return run_mixer(_gla_features, _gla_output, init_state, cfg.dk**-0.5, params, x, cfg, **kwargs)
-
-
-def gla_step(params, state, x_t, cfg: GLAConfig):
-    return step_mixer(_gla_features, _gla_output, init_state, cfg.dk**-0.5, params, state, x_t, cfg)
+gla_apply, gla_step = mixer_fns(
+    _gla_features,
+    _gla_output,
+    inv_sqrt_key_dim,
+    init_state,
+    "GLA over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
@@ -255,34 +251,30 @@ def _hgrn2_specs(cfg: HGRN2Config) -> dict[str, Any]:
 def _hgrn2_features(params, x, cfg: HGRN2Config, prev, segment_ids, positions) -> Features:
     del prev, segment_ids, positions
     h, hk, hv = cfg.num_heads, cfg.num_heads * cfg.dk, cfg.num_heads * cfg.dv
-    q = swish(_proj(params, "q", x, cfg, hk)).astype(x.dtype)
-    a = _proj(params, "forget", x, cfg, hk).astype(F32)
+    q = swish(proj(params, "q", x, cfg, hk)).astype(x.dtype)
+    a = proj(params, "forget", x, cfg, hk).astype(F32)
     beta = cfg.lower_bound
     log_f = jax.nn.log_sigmoid(a)
     if beta > 0.0:  # log(beta + (1 - beta) sigmoid(a))
         log_f = jnp.logaddexp(math.log(beta), math.log1p(-beta) + log_f)
     k = ((1.0 - beta) * jax.nn.sigmoid(-a)).astype(x.dtype)  # 1 - f, without cancellation
-    v = _proj(params, "input", x, cfg, hv)
+    v = proj(params, "input", x, cfg, hv)
     return Features(heads(q, h), heads(k, h), heads(v, h), heads(log_f, h), {}, x.dtype)
 
 
 def _hgrn2_output(params, o, dtype, cfg: HGRN2Config):
     scale = param_f32(params["norm"]["scale"], dtype)
     y = norm(o, per_head=False, centered=False, eps=cfg.norm_eps, scale=scale)
-    return _out(params, y.astype(dtype), cfg)
+    return project_out(params, y.astype(dtype), cfg)
 
 
-def hgrn2_apply(params, x, cfg: HGRN2Config, **kwargs):
-    """HGRN-2 over ``x [b, t, d]`` (mixer contract; ``positions`` ignored)."""
-    return run_mixer(
-        _hgrn2_features, _hgrn2_output, init_state, cfg.dk**-0.5, params, x, cfg, **kwargs
-    )
-
-
-def hgrn2_step(params, state, x_t, cfg: HGRN2Config):
-    return step_mixer(
-        _hgrn2_features, _hgrn2_output, init_state, cfg.dk**-0.5, params, state, x_t, cfg
-    )
+hgrn2_apply, hgrn2_step = mixer_fns(
+    _hgrn2_features,
+    _hgrn2_output,
+    inv_sqrt_key_dim,
+    init_state,
+    "HGRN-2 over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
@@ -338,20 +330,20 @@ def refined_log_forget(a: jax.Array, c: jax.Array) -> jax.Array:
 def _regla_features(params, x, cfg: ReGLAConfig, prev, segment_ids, positions) -> Features:
     del positions
     h, hk, hv = cfg.num_heads, cfg.num_heads * cfg.dk, cfg.num_heads * cfg.dv
-    q = heads(_proj(params, "q", x, cfg, hk), h).astype(F32)
-    q = jnp.exp(q - jnp.max(q, axis=-1, keepdims=True))
-    k = heads(_proj(params, "k", x, cfg, hk), h).astype(F32)
+    q = heads(proj(params, "q", x, cfg, hk), h).astype(F32)
+    q = jnp.exp(q - jax.lax.stop_gradient(jnp.max(q, axis=-1, keepdims=True)))
+    k = heads(proj(params, "k", x, cfg, hk), h).astype(F32)
     init_max = None if prev is None else prev["key_max"]
     m, prev_m = segmented_scan(
         jax.lax.stop_gradient(jnp.max(k, axis=-1)), segment_ids, init_max, jnp.maximum
     )
     k = jnp.exp(k - m[..., None])
     log_f = refined_log_forget(
-        _proj(params, "forget", x, cfg, hk, use_bias=True),
-        _proj(params, "refine", x, cfg, hk, use_bias=True),
+        proj(params, "forget", x, cfg, hk, use_bias=True),
+        proj(params, "refine", x, cfg, hk, use_bias=True),
     )
     log_decay = jnp.minimum(heads(log_f, h) + log_ratio(prev_m, m)[..., None], 0.0)
-    v = heads(_proj(params, "v", x, cfg, hv), h)
+    v = heads(proj(params, "v", x, cfg, hv), h)
     return Features(
         q.astype(x.dtype), k.astype(x.dtype), v, log_decay, {"key_max": m[:, -1]}, x.dtype
     )
@@ -367,18 +359,16 @@ def _regla_output(params, o, dtype, cfg: ReGLAConfig):
         scale=param_f32(p["scale"], dtype),
         bias=param_f32(p["bias"], dtype),
     )
-    return _out(params, y.astype(dtype), cfg)
+    return project_out(params, y.astype(dtype), cfg)
 
 
-def regla_apply(params, x, cfg: ReGLAConfig, **kwargs):
-    """ReGLA over ``x [b, t, d]`` (mixer contract; ``positions`` ignored)."""
-    scale = regla_variance_scale(cfg.dk)
-    return run_mixer(_regla_features, _regla_output, init_state, scale, params, x, cfg, **kwargs)
-
-
-def regla_step(params, state, x_t, cfg: ReGLAConfig):
-    scale = regla_variance_scale(cfg.dk)
-    return step_mixer(_regla_features, _regla_output, init_state, scale, params, state, x_t, cfg)
+regla_apply, regla_step = mixer_fns(
+    _regla_features,
+    _regla_output,
+    lambda cfg: regla_variance_scale(cfg.dk),
+    init_state,
+    "ReGLA over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
@@ -469,11 +459,11 @@ def _to_heads(a: jax.Array, cfg: Mamba2Config) -> jax.Array:
 def _mamba2_features(params, x, cfg: Mamba2Config, prev, segment_ids, positions) -> Features:
     del prev, segment_ids, positions
     dtype, h, hv, gk = x.dtype, cfg.num_heads, cfg.num_heads * cfg.dv, cfg.num_groups * cfg.dk
-    z = _proj(params, "z", x, cfg, hv)
-    u = heads(swish(_proj(params, "x", x, cfg, hv)).astype(dtype), h)
-    bk = _to_heads(swish(_proj(params, "b", x, cfg, gk, kernel_axes=("embed", None))), cfg)
-    ck = _to_heads(swish(_proj(params, "c", x, cfg, gk, kernel_axes=("embed", None))), cfg)
-    dt_raw = _proj(params, "dt", x, cfg, h).astype(F32)
+    z = proj(params, "z", x, cfg, hv)
+    u = heads(swish(proj(params, "x", x, cfg, hv)).astype(dtype), h)
+    bk = _to_heads(swish(proj(params, "b", x, cfg, gk, kernel_axes=("embed", None))), cfg)
+    ck = _to_heads(swish(proj(params, "c", x, cfg, gk, kernel_axes=("embed", None))), cfg)
+    dt_raw = proj(params, "dt", x, cfg, h).astype(F32)
     dt = jax.nn.softplus(dt_raw + param_f32(params["dt_bias"], dtype)[None, None, :])
     a = -jnp.exp(param_f32(params["a_log"], dtype))
     log_decay = dt * a[None, None, :]
@@ -489,16 +479,16 @@ def _mamba2_output(params, o, aux, cfg: Mamba2Config):
     y = heads(y.reshape(*y.shape[:2], -1) * swish(z), cfg.num_heads)
     scale = param_f32(params["norm"]["scale"], dtype)
     y = norm(y, per_head=False, centered=False, eps=cfg.norm_eps, scale=scale)
-    return _out(params, y.astype(dtype), cfg)
+    return project_out(params, y.astype(dtype), cfg)
 
 
-def mamba2_apply(params, x, cfg: Mamba2Config, **kwargs):
-    """Mamba-2 SSD over ``x [b, t, d]`` (mixer contract; ``positions`` ignored)."""
-    return run_mixer(_mamba2_features, _mamba2_output, init_state, 1.0, params, x, cfg, **kwargs)
-
-
-def mamba2_step(params, state, x_t, cfg: Mamba2Config):
-    return step_mixer(_mamba2_features, _mamba2_output, init_state, 1.0, params, state, x_t, cfg)
+mamba2_apply, mamba2_step = mixer_fns(
+    _mamba2_features,
+    _mamba2_output,
+    lambda cfg: 1.0,
+    init_state,
+    "Mamba-2 SSD over ``x [b, t, d]``; ``positions`` are ignored.",
+)
 
 
 # =============================================================================================
