@@ -55,7 +55,7 @@ def linear_attention(
     variants=("gla", "scalar", "delta"),
     impls=("xla", "reference"),
     reference_max_T=4096,
-    softmax_max_T=16384,
+    softmax_max_T=8192,
     repeats=3,
 ) -> list[dict[str, Any]]:
     """Forward and forward+backward time vs T for each op/implementation and softmax."""

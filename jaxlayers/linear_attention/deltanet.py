@@ -17,15 +17,17 @@ a data-dependent scalar decay per head and step, ``alpha_t = exp(g_t) in (0, 1]`
     g_t = -exp(A_log) * softplus(x_t W_a + dt_bias)                       (= -A dt_t, Mamba-2)
 
 i.e. Mamba-2's discretisation ``alpha = exp(dt A)`` with ``A = -exp(A_log) < 0`` per head and a
-step ``dt_t = softplus(x_t W_a + dt_bias) > 0``. Gated DeltaNet always has the output gate.
-``A`` starts uniform in ``a_init_range`` (1, 16) and ``dt_bias`` so that ``softplus(dt_bias)`` is
+step ``dt_t = softplus(x_t W_a + dt_bias) > 0``. Gated DeltaNet has the output gate by default
+(``use_output_gate=True``, as in the paper); DeltaNet has it off by default.
+``A`` starts uniform in ``a_init_range`` (1, 16), Mamba-2's range (a lower end of 0, as in some
+public code, would allow ``A_log = -inf``), and ``dt_bias`` so that ``softplus(dt_bias)`` is
 log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_init_floor``), as in Mamba-2.
 
 Shapes: ``x [b, t, d] -> y [b, t, d]``; ``h`` heads, key dim ``k`` (``head_dim``), value dim
 ``v`` (``value_dim``; the Gated DeltaNet paper uses ``v = 2k``); ``scale`` defaults to
 ``k ** -0.5``.
 
-Choices the papers leave open, made here (and in the flash-linear-attention layers):
+Choices the papers leave open, made here:
 
 * The short convs (kernel ``conv_size`` = 4, no bias) run over the projected q, k and v
   channels, each followed by SiLU; with ``use_short_conv=False`` the SiLU is applied directly.
@@ -84,6 +86,13 @@ __all__ = [
     "decay_param_specs",
     "log_decay",
     "check_state",
+    "check_input",
+    "check_mixer_fields",
+    "check_decay_fields",
+    "state_shapes",
+    "dense_cfg",
+    "conv_features",
+    "conv_features_step",
 ]
 
 L2_EPS = 1e-6
@@ -215,9 +224,7 @@ def l2_normalize(x: jax.Array, eps: float = L2_EPS) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def head_rms_norm(
-    scale: jax.Array, o: jax.Array, gate: jax.Array | None, eps: float
-) -> jax.Array:
+def head_rms_norm(scale: jax.Array, o: jax.Array, gate: jax.Array | None, eps: float) -> jax.Array:
     """RMSNorm over the last axis of ``o [..., v]`` times ``scale [v]`` (times ``SiLU(gate)``).
 
     Float32 arithmetic, result in o's dtype; ``scale`` is cast to o's dtype first.
@@ -248,12 +255,16 @@ def _dt_bias_init(dt_min: float, dt_max: float, floor: float) -> core.Initialize
     return init
 
 
-def decay_param_specs(cfg: Any) -> dict[str, core.ParamSpec]:
-    """``{"kernel": [d, h], "a_log": [h], "dt_bias": [h]}`` of the Mamba-2 style decay."""
+def decay_param_specs(cfg: Any, groups: int = 1) -> dict[str, core.ParamSpec]:
+    """``{"kernel": [d, groups*h], "a_log": [h], "dt_bias": [h]}`` of the Mamba-2 style decay.
+
+    ``groups > 1`` gives every group of ``h`` heads (MoM's memories) its own projection; ``A``
+    and ``dt_bias`` are shared by the groups.
+    """
     h = cfg.num_heads
     return {
         "kernel": core.ParamSpec(
-            (cfg.d_model, h), core.initializers.fan_in(1.0), ("embed", "heads")
+            (cfg.d_model, groups * h), core.initializers.fan_in(1.0), ("embed", "heads")
         ),
         "a_log": core.ParamSpec((h,), _a_log_init(*cfg.a_init_range), ("heads",)),
         "dt_bias": core.ParamSpec(
@@ -263,13 +274,16 @@ def decay_param_specs(cfg: Any) -> dict[str, core.ParamSpec]:
 
 
 def log_decay(params: core.Params, x: jax.Array) -> jax.Array:
-    """``g = -exp(a_log) * softplus(x W_a + dt_bias)``: ``x [..., d] -> [..., h]`` float32."""
-    dtype = x.dtype
-    p = core.cast_floating(params, dtype)
+    """``g = -exp(a_log) * softplus(x W_a + dt_bias)``: ``x [..., d] -> [..., groups*h]``
+    float32 (group-major; see :func:`decay_param_specs`)."""
+    p = core.cast_floating(params, x.dtype)
+    h = p["a_log"].shape[0]
     a = jnp.matmul(x, p["kernel"]).astype(jnp.float32)
-    bcast = (1,) * (a.ndim - 1) + (-1,)
+    a = a.reshape(*a.shape[:-1], a.shape[-1] // h, h)
+    bcast = (1,) * (a.ndim - 1) + (h,)
     dt = jax.nn.softplus(a + p["dt_bias"].astype(jnp.float32).reshape(bcast))
-    return -jnp.exp(p["a_log"].astype(jnp.float32)).reshape(bcast) * dt
+    g = -jnp.exp(p["a_log"].astype(jnp.float32)).reshape(bcast) * dt
+    return g.reshape(*g.shape[:-2], -1)
 
 
 def state_shapes(cfg: Any, batch: int, conv_channels: dict[str, int], heads: int):
@@ -290,9 +304,7 @@ def check_state(state: Any, shapes: dict[str, tuple[int, ...]], name: str) -> No
     for key, want in shapes.items():
         core.check_floating(state[key], f"{name}[{key!r}]")
         if tuple(jnp.shape(state[key])) != want:
-            raise ValueError(
-                f"{name}[{key!r}] must have shape {want}; got {jnp.shape(state[key])}"
-            )
+            raise ValueError(f"{name}[{key!r}] must have shape {want}; got {jnp.shape(state[key])}")
 
 
 def check_input(x: jax.Array, d_model: int, rank: int, name: str, layout: str) -> None:
@@ -458,8 +470,10 @@ def apply(
     Args:
       segment_ids: int ``[b, t]``; the recurrence and the convs restart wherever it changes.
       positions: ignored.
-      initial_state: a state from :func:`init_state` or a previous call.
-      return_state: also return the state after the last token.
+      initial_state: a state from :func:`init_state` or a previous call; with ``segment_ids``
+        it reaches only the first packed sequence of each row.
+      return_state: also return the state after the last token (with ``segment_ids``, the
+        state of the last packed sequence).
     """
     del positions
     check_input(x, cfg.d_model, 3, "x", "[batch, time, d_model]")
@@ -518,9 +532,7 @@ core.register_layer(
     init_state=init_state,
     step=step,
     # bf16 rounds q, k, v and the norms' inputs: ~1.2e-2 relative error measured at this size.
-    example=core.Example(
-        config=DeltaNetConfig(**_EXAMPLE), input_shape=(2, 8, 16), rtol_bf16=3e-2
-    ),
+    example=core.Example(config=DeltaNetConfig(**_EXAMPLE), input_shape=(2, 8, 16), rtol_bf16=3e-2),
     kind="mixer",
 )
 core.register_layer(

@@ -20,8 +20,9 @@ The optional shared memory (``use_shared_memory``) is always written and read, w
     "gated_linear" S = exp(g_t) S + k v^T                               (scalar decay per head)
     "linear"       S = S + k v^T                                        (linear attention)
 
-with ``beta_t = sigmoid(x_t W_beta)`` and ``g_t = -exp(A_log) softplus(x_t W_a + dt_bias)`` (as in
-:mod:`jaxlayers.linear_attention.deltanet`); the delta rules L2-normalise q and k.
+with ``beta_t^m = sigmoid(x_t W_beta^m)`` and ``g_t^m = -exp(A_log) softplus(x_t W_a^m + dt_bias)``
+per memory (``A_log`` and ``dt_bias`` shared; as in :mod:`jaxlayers.linear_attention.deltanet`);
+the delta rules L2-normalise q and k.
 
 How routing is computed: every memory is an extra group of heads of *one* call of the chunked
 op (``delta_rule`` or ``gated_linear_attention``) over ``(M [+1]) * h`` heads. For a token not
@@ -35,12 +36,15 @@ state a fixed-shape array for decoding.
 
 Choices the paper leaves open, made here:
 
-* The query, beta and the decay are shared by the memories (one projection each, per head);
-  keys and values are per memory. The routed weights are the top-k softmax probabilities
+* The query is shared by the memories; keys, values, beta and the decay projection are per
+  memory (as in the authors' code). The routed weights are the top-k softmax probabilities
   renormalised to sum to 1; ties are broken towards the lower memory index (``lax.top_k``).
   Gradients reach the router through the weights (the selection itself is discrete).
 * The short convs run over the whole token sequence (before routing), on q and on every
-  memory's k and v channels.
+  memory's k and v channels, so a memory's conv also sees the tokens routed elsewhere. (The
+  authors' code gathers each memory's routed tokens first and convolves that subsequence, which
+  also gives every memory its own conv'd query; that needs per-memory caches of routed tokens and
+  is not done here.)
 * Output norm, gate, ``scale`` and init as in DeltaNet (``deltanet`` module docstring).
 * :func:`load_balancing_loss` (the Switch-Transformer auxiliary loss over memories) is a separate
   function; ``apply`` returns only ``y``.
@@ -52,8 +56,8 @@ memory is the last slot). Params (no biases)::
     "q": [d, h*k]   "k": [d, s*h*k]   "v": [d, s*h*v]     axes ("embed", "heads"); column
                     index of "k" = (slot * h + head) * k + i, likewise "v"
     "router": {"kernel": [d, M]}                          axes ("embed", "experts")
-    "beta": [d, h]                                        (delta rules)
-    "decay": {"kernel": [d, h], "a_log": [h], "dt_bias": [h]}   (gated rules)
+    "beta": [d, s*h]                                      (delta rules)
+    "decay": {"kernel": [d, s*h], "a_log": [h], "dt_bias": [h]}   (gated rules)
     "q_conv", "k_conv", "v_conv": {"kernel": [K, channels]}     (use_short_conv)
     "o_norm": {"scale": [v]}   "g": [d, h*v] (use_output_gate)   "o": [h*v, d]
 
@@ -178,7 +182,7 @@ def _proj_cfgs(cfg: Config) -> dict[str, dense.Config]:
         "o": dn.dense_cfg(cfg, h * dv, d, ("heads", "embed")),
     }
     if cfg.is_delta:
-        cfgs["beta"] = dn.dense_cfg(cfg, d, h)
+        cfgs["beta"] = dn.dense_cfg(cfg, d, s * h)
     if cfg.use_output_gate:
         cfgs["g"] = dn.dense_cfg(cfg, d, h * dv)
     return cfgs
@@ -196,7 +200,7 @@ def param_specs(cfg: Config) -> dict[str, Any]:
             specs[f"{name}_conv"] = short_conv.conv_param_specs(c, cfg.conv_size, cfg.conv_bias)
     specs["o_norm"] = {"scale": core.ParamSpec((cfg.val_dim,), core.initializers.ones, (None,))}
     if cfg.is_gated:
-        specs["decay"] = dn.decay_param_specs(cfg)
+        specs["decay"] = dn.decay_param_specs(cfg, groups=cfg.num_slots)
     return specs
 
 
@@ -274,7 +278,10 @@ def _features(params, x, cfg: Config):
 
 
 def _op_inputs(feats, beta, g, selected, cfg: Config):
-    """Memory-major heads for the op: q/k/v ``[..., s*h, dim]``, beta/g ``[..., s*h]``."""
+    """Memory-major heads for the op: q/k/v ``[..., s*h, dim]``, beta/g ``[..., s*h]``.
+
+    ``beta`` and ``g`` come in as ``[..., s*h]`` (slot-major), ``selected`` as ``[..., s]``.
+    """
     lead = feats["q"].shape[:-1]
     h, dk, dv, s = cfg.num_heads, cfg.key_dim, cfg.val_dim, cfg.num_slots
     q = feats["q"].reshape(*lead, 1, h, dk)
@@ -287,11 +294,11 @@ def _op_inputs(feats, beta, g, selected, cfg: Config):
     on = selected[..., :, None]  # [..., s, 1]: 1 where the token is routed to the slot
     if cfg.is_delta:
         k = k.reshape(*lead, s * h, dk)
-        beta = (beta[..., None, :] * on).reshape(*lead, s * h)
+        beta = (beta.reshape(*lead, s, h) * on).reshape(*lead, s * h)
     else:
         k = (k * on[..., None].astype(k.dtype)).reshape(*lead, s * h, dk)
     if g is not None:
-        g = (g[..., None, :] * on).reshape(*lead, s * h)
+        g = (g.reshape(*lead, s, h) * on).reshape(*lead, s * h)
     return q, k, v, beta, g
 
 
@@ -320,7 +327,8 @@ def apply(
 
     ``segment_ids`` (int ``[b, t]``) restart every memory and conv where it changes;
     ``positions`` is ignored; ``initial_state`` continues from :func:`init_state` or a previous
-    call.
+    call (with ``segment_ids`` it reaches only the first packed sequence of each row, and the
+    returned state is that of the last one).
     """
     del positions
     dn.check_input(x, cfg.d_model, 3, "x", "[batch, time, d_model]")
