@@ -1,8 +1,9 @@
 """Lookup-table projections: ``gather_sum`` (an embedding bag over ``j`` tables).
 
 ``y[n] = sum_j weights[n, j] * tables[j, indices[n, j]]``, with reference (dense one-hot),
-``xla`` (take + scatter-add backward) and Pallas (Triton GPU, Mosaic TPU) implementations. :func:`gather_sum_sharded` runs it with the tables' rows sharded over a mesh
-axis (shard-local gather, one reduction).
+``xla`` (take + scatter-add backward) and Pallas (Triton GPU, Mosaic TPU) implementations.
+:func:`gather_sum_sharded` runs it with the tables' rows sharded over a mesh axis (shard-local
+gather, one reduction).
 """
 
 from .api import gather_sum
