@@ -49,6 +49,19 @@ cannot honour ``segment_ids`` raise. For softmax attention the state is the KV c
 ``index`` is the number of filled slots (shared by the batch). Writes past ``max_decode_len``
 are clamped by ``lax.dynamic_update_slice`` and silently overwrite the last slots; keep
 ``prompt + generated <= max_decode_len``. ``segment_ids`` cannot be combined with a cache.
+
+Sequence parallelism: inside a ``jax.shard_map`` body traced under
+``pallas_kernels.linear_attention.sequence_context.sequence_parallel_axis(axis)``, ``x`` is this
+shard's block ``[s T_loc, (s + 1) T_loc)`` of a sequence split along time over the mesh axis
+``axis``. The layer then all-gathers the (rotated) keys and values, and the segment ids, over
+``axis`` (``[b, n T_loc, g, k]`` per device), keeps its local queries, and masks with global
+positions: query ``i`` sits at ``s T_loc + i`` (also the default RoPE position), key ``j`` at
+``j``; with the context's ``length`` keys at ``j >= length`` (end padding) are masked too. The
+result equals the slice of the unsharded layer's output. Causal shards compute the full
+``T_loc x n T_loc`` logits (about half of them masked; ring attention would skip those blocks at
+the cost of ``n - 1`` sequential exchanges). The backward of the all-gather is a
+reduce-scatter of the key/value gradients. A KV cache (``initial_state`` / ``return_state``) is
+not supported there (``NotImplementedError``): decoding is not sequence-parallel.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlayers import core, dense, position
+from pallas_kernels.linear_attention import sequence_context
 
 __all__ = ["Config", "param_specs", "init", "apply", "init_state", "step", "attention_weights"]
 
@@ -262,6 +276,13 @@ def apply(
             f"cache; got {t}"
         )
 
+    shard = sequence_context.current()
+    if shard is not None and (initial_state is not None or return_state):
+        raise NotImplementedError(
+            "attention: a KV cache (initial_state / return_state) is not supported under "
+            f"sequence_parallel_axis({shard.axis_name!r}); decode without sequence parallelism"
+        )
+
     x = x.astype(dtype)
     pcfg = _proj_cfgs(cfg)
     h, g, dk = cfg.num_heads, cfg.kv_heads, cfg.key_dim
@@ -278,10 +299,15 @@ def apply(
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
             if index is not None:
                 positions = positions + index
+            elif shard is not None:  # global positions of this shard's tokens
+                positions = positions + sequence_context.time_offset(t, shard)
         q = position.apply_rope(q, positions, cfg.rope_theta)
         k = position.apply_rope(k, positions, cfg.rope_theta)
 
-    if initial_state is None:
+    if shard is not None:
+        out = _attend_sequence_shard(q, k, v, segment_ids, cfg, shard)
+        state = None
+    elif initial_state is None:
         mask = None
         if segment_ids is not None:
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [b,1,t,t]
@@ -315,6 +341,26 @@ def apply(
 
     y = dense.apply(params["o"], out.reshape(b, t, h * dk), pcfg["o"])
     return (y, state) if return_state else y
+
+
+def _attend_sequence_shard(q, k, v, segment_ids, cfg: Config, shard) -> jax.Array:
+    """Local queries against the keys / values all-gathered over the sequence axis."""
+    axis, t = shard.axis_name, q.shape[1]
+    k_all = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # [b, n t, g, k]
+    v_all = jax.lax.all_gather(v, axis, axis=1, tiled=True)
+    s = k_all.shape[1]
+    q_pos = sequence_context.time_offset(t, shard) + jnp.arange(t, dtype=jnp.int32)
+    kv_pos = jnp.arange(s, dtype=jnp.int32)
+    allowed = jnp.ones((t, s), bool)
+    if cfg.causal:
+        allowed = kv_pos[None, :] <= q_pos[:, None]
+    if shard.length is not None and shard.length < s:
+        allowed = allowed & (kv_pos < shard.length)[None, :]
+    mask = allowed[None, None]  # [1, 1, t, s]
+    if segment_ids is not None:
+        seg_all = jax.lax.all_gather(segment_ids, axis, axis=1, tiled=True)  # [b, s]
+        mask = mask & (segment_ids[:, :, None] == seg_all[:, None, :])[:, None]
+    return _attend(q, k_all, v_all, mask, False, cfg.implementation)
 
 
 def _head_rms_norm(params, x, eps: float = 1e-6):

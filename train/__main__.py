@@ -7,6 +7,7 @@
     python -m train --preset mqar-attention --steps 3000 --optim.learning-rate 1e-3
     python -m train --preset text-attention --data.text-files a.txt b.txt --mesh.fsdp 2
     python -m train --preset tiny --resume              # continue the run in runs/tiny
+    python -m train --preset tiny --mesh.sequence 2     # split every sequence over 2 devices
 
 Several processes (one per host): set ``--distributed.coordinator-address HOST:PORT
 --distributed.num-processes N --distributed.process-id I`` (or the ``JAX_COORDINATOR_ADDRESS``,

@@ -2,7 +2,8 @@
 
 A run is one :class:`TrainConfig`. ``python -m train --preset NAME [overrides]`` starts from a
 preset (:func:`get_preset`) and applies command-line overrides with tyro, e.g.
-``--steps 500 --optim.learning-rate 3e-3 --data.num-kv-pairs 32 --mesh.fsdp 2``.
+``--steps 500 --optim.learning-rate 3e-3 --data.num-kv-pairs 32 --mesh.fsdp 2`` (or
+``--mesh.sequence 2`` to split every sequence over 2 devices).
 
 Presets:
   ``tiny``              MQAR, T=32, 4 pairs, vocab 64, 2-layer softmax attention (d_model 32):
@@ -109,14 +110,19 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes for the axes (data, fsdp, tensor); ``-1`` = all remaining devices.
+    """Device mesh sizes for the axes (data, fsdp, tensor, sequence); ``-1`` = all remaining
+    devices.
 
     Batch rows are split over data x fsdp; params over fsdp and tensor (see ``train.sharding``).
+    ``sequence > 1`` also splits the tokens of every row along time over that many devices
+    (sequence / context parallelism, ``jaxlayers.models.sequence_parallel``); every mixer of the
+    model must support it.
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    sequence: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +322,7 @@ def _known_mixer(name: str) -> bool:
     fns = core.registered_layers().get(name)
     if fns is None:
         # Only now import every layer module (a mixer may live in a module not yet imported).
-        fns = dict.fromkeys(registered_mixers()).get(name) and core.registered_layers()[name]
+        fns = core.registered_layers()[name] if name in registered_mixers() else None
     return fns is not None and _is_mixer(fns)
 
 

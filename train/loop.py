@@ -16,7 +16,14 @@ layer configs' ``dtype``, and its logits and loss are float32.
 
 The step is ``jax.jit`` with explicit in/out shardings (params per ``train.sharding`` rules,
 batch rows over (data, fsdp), metrics replicated), donates the state, and is compiled ahead of
-time once (``.lower(...).compile()``), printing ``memory_analysis()``.
+time once (``.lower(...).compile()``), printing ``memory_analysis()`` (per device; repeated with
+the step time in the final summary).
+
+With ``mesh.sequence > 1`` the loss runs under ``jaxlayers.models.sequence_parallel.make_loss``:
+inside one ``shard_map`` every row's tokens are split over the ``sequence`` mesh axis (batch
+rows over data x fsdp). The batch arrays enter the step sharded by rows only (replicated over
+``sequence``; they are small int arrays) and each device slices its block of tokens, so the
+data pipeline is unchanged; the activations are what is split.
 
 A non-finite loss or gradient norm stops the run with :class:`NonFiniteLossError`. Metrics are
 checked before every checkpoint, so a checkpoint never holds a state reached through a
@@ -203,7 +210,10 @@ def fit(
     dist_lib.sync("fresh-start")
 
     # ---- mesh, data, model ------------------------------------------------------------------
-    mesh = shard_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices)
+    mesh = shard_lib.make_mesh(
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices, sequence=cfg.mesh.sequence
+    )
+    seq_shards = shard_lib.sequence_shards(mesh)
     row_split = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.batch_size // cfg.grad_accum
     if micro % row_split:
@@ -218,6 +228,17 @@ def fit(
 
     from jaxlayers import core
     from jaxlayers.models import lm
+
+    if seq_shards > 1:
+        from jaxlayers.models import sequence_parallel as sp_lib
+
+        sp_lib.check_supported(model_cfg)
+        loss_fn = sp_lib.make_loss(
+            mesh,
+            loss_fn=loss_fn,
+            sequence_axis=shard_lib.SEQUENCE_AXIS,
+            batch_axes=shard_lib.BATCH_AXES,
+        )
 
     specs = lm.param_specs(model_cfg)
     logical = core.logical_axes(specs)
@@ -350,7 +371,8 @@ def fit(
         log(f"   data: {data.description}")
         log(
             f"   mesh: data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} "
-            f"tensor={mesh.shape['tensor']} over {mesh.devices.size} {dev.platform} devices, "
+            f"tensor={mesh.shape['tensor']} sequence={seq_shards} over {mesh.devices.size} "
+            f"{dev.platform} devices, "
             f"{jax.process_count()} process(es); batch {cfg.batch_size} x {T} tokens"
             f"{f' in {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''}; "
             f"compute {cfg.compute_dtype}, params float32; steps {first_step} -> {end_step} of "
@@ -360,6 +382,12 @@ def fit(
             log(f"   logical axes with no sharding rule (replicated): {sorted(unmapped)}")
         for line in _memory_lines(compiled):
             log(f"   {line} (compile {compile_s:.1f}s)")
+        if seq_shards > 1:
+            log(
+                f"   sequence parallel: {T} tokens per row over {seq_shards} devices "
+                f"({-(-T // seq_shards)} per shard); batch arrays are replicated over the "
+                f"sequence axis and sliced inside the step"
+            )
 
         writer = metrics_lib.MetricsWriter(
             run_dir,
@@ -494,6 +522,8 @@ def fit(
     rows_out += [(f"eval {k}", v) for k, v in last_eval.items()]
     rows_out += [
         ("wall time", f"{wall:.1f}s (compile {compile_s:.1f}s, loop {loop_s:.1f}s)"),
+        ("step time", _step_time(loop_s, step - first_step, last_train, tokens_per_step)),
+        ("memory", "; ".join(_memory_lines(compiled))),
         ("checkpoints", f"{ckpt_dir} (steps {checkpointer_steps(ckpt_dir)})"),
         ("metrics", str(writer.path)),
         ("config", str(run_dir / "config.json")),
@@ -518,6 +548,17 @@ def fit(
         summary=summary,
         state=state if keep_state else None,
     )
+
+
+def _step_time(loop_s: float, steps: int, last_train: dict, tokens_per_step: int) -> str:
+    """Step time of the last logging window (training only) and the loop's mean."""
+    if steps <= 0:
+        return "- (no step this run)"
+    mean = f"mean {1e3 * loop_s / steps:.1f} ms over {steps} steps incl. eval/checkpoints"
+    rate = last_train.get("tokens_per_s")
+    if not rate:
+        return mean
+    return f"{1e3 * tokens_per_step / rate:.1f} ms/step (last log window); {mean}"
 
 
 def checkpointer_steps(directory: Path) -> list[int]:

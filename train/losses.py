@@ -9,6 +9,11 @@ hidden states and unembeds only those, so the ``[b, T, vocab]`` logits tensor (t
 at vocab 8192 and T=128: ``T/K = 8x`` more work) is never built. Its value equals ``lm_loss`` on
 the same batch (targets and mask are read at the same positions).
 
+Under sequence parallelism (``--mesh.sequence``; ``jaxlayers.models.sequence_parallel``) each
+shard holds a block of ``T/n`` tokens and the global ``query_pos``: it shifts them by its
+``time_offset`` and counts only the queries that fall in its block (the others get weight 0),
+so the shards' sums add up to the unsharded loss.
+
 It needs the trunk of the LM separately from its head; ``jaxlayers.models.lm`` exposes these as
 ``_hidden`` / ``_logits`` (private), or as ``hidden`` / ``logits`` if it makes them public.
 """
@@ -19,6 +24,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.linear_attention import sequence_context
 
 __all__ = ["lm_loss", "query_loss"]
 
@@ -35,19 +42,29 @@ def _trunk_and_head():
     hidden = getattr(lm, "hidden", None)
     logits = getattr(lm, "logits", None)
     if hidden is not None and logits is not None:
-        return (lambda p, t, c, s: hidden(p, t, c, segment_ids=s)), logits
-    return (lambda p, t, c, s: lm._hidden(p, t, c, s, None, None, False)[0]), lm._logits
+        return (lambda p, t, c, s, pos: hidden(p, t, c, segment_ids=s, positions=pos)), logits
+    return (lambda p, t, c, s, pos: lm._hidden(p, t, c, s, pos, None, False)[0]), lm._logits
 
 
 def query_loss(params: Any, batch: dict, cfg: Any):
     """Mean cross-entropy over ``query_pos`` (weighted by ``mask`` there); see the module doc."""
     hidden_fn, logits_fn = _trunk_and_head()
     pos = batch["query_pos"].astype(jnp.int32)  # [b, K]
-    x = hidden_fn(params, batch["tokens"], cfg, batch.get("segment_ids"))  # [b, t, d]
+    x = hidden_fn(
+        params, batch["tokens"], cfg, batch.get("segment_ids"), batch.get("positions")
+    )  # [b, t, d]
+    inside = None
+    if sequence_context.current() is not None:  # x holds one block of T/n tokens
+        t = x.shape[1]
+        pos = pos - sequence_context.time_offset(t)
+        inside = (pos >= 0) & (pos < t)
+        pos = jnp.clip(pos, 0, t - 1)
     xq = jnp.take_along_axis(x, pos[..., None], axis=1)  # [b, K, d]
     logits = logits_fn(params, xq, cfg)  # [b, K, vocab] float32
     targets = jnp.take_along_axis(batch["targets"], pos, axis=1)
     weights = jnp.take_along_axis(batch["mask"], pos, axis=1).astype(jnp.float32)
+    if inside is not None:
+        weights = weights * inside.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
     count = jnp.sum(weights)

@@ -7,6 +7,12 @@ The mesh has three axes (as in MaxText / levanter):
             each device stores 1/fsdp of every matrix, gathered for the matmul)
     tensor  params split along heads / MLP hidden / vocab (Megatron-style tensor parallelism)
 
+and, only when its size is above 1, a fourth axis
+
+    sequence  the tokens of every row split along time (context parallelism): the loss runs in a
+              ``shard_map`` over every axis (``jaxlayers.models.sequence_parallel``); params are
+              replicated over it. A mesh without sequence parallelism keeps the three axes above.
+
 Every parameter carries logical axis names (``jaxlayers.core.ParamSpec.axes``, e.g.
 ``("embed", "mlp")``). :data:`DEFAULT_RULES` maps each name to a mesh axis (or None =
 replicated). :func:`param_partition_specs` applies them with two fallbacks that keep any model
@@ -32,8 +38,10 @@ __all__ = [
     "AXES",
     "DEFAULT_RULES",
     "BATCH_AXES",
+    "SEQUENCE_AXIS",
     "resolve_mesh_shape",
     "make_mesh",
+    "sequence_shards",
     "param_partition_specs",
     "param_shardings",
     "unmapped_axes",
@@ -44,6 +52,7 @@ __all__ = [
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+SEQUENCE_AXIS = "sequence"
 
 # logical axis name -> mesh axis (or None: replicated).
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
@@ -69,9 +78,16 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
-    """Fill one ``-1`` entry and check that data * fsdp * tensor == ``num_devices``."""
+def resolve_mesh_shape(
+    data: int, fsdp: int, tensor: int, num_devices: int, sequence: int = 1
+) -> tuple[int, ...]:
+    """Fill one ``-1`` entry and check that the sizes multiply to ``num_devices``.
+
+    Returns ``(data, fsdp, tensor)``, plus ``sequence`` when it is not 1.
+    """
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    if sequence != 1:
+        sizes[SEQUENCE_AXIS] = sequence
     free = [k for k, v in sizes.items() if v == -1]
     bad = {k: v for k, v in sizes.items() if v != -1 and v <= 0}
     if bad or len(free) > 1:
@@ -85,30 +101,43 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
             )
         sizes[free[0]] = num_devices // fixed
     elif fixed != num_devices:
+        names = "*".join(sizes)
+        values = "*".join(str(v) for v in sizes.values())
         raise ValueError(
-            f"mesh data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed} "
-            f"must equal the number of devices, {num_devices}; set one axis to -1 to fill it"
+            f"mesh {names} = {values} = {fixed} must equal the number of devices, "
+            f"{num_devices}; set one axis to -1 to fill it"
         )
-    return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    return tuple(sizes.values())
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    devices: Sequence[Any] | None = None,
+    sequence: int = 1,
 ) -> Mesh:
-    """A (data, fsdp, tensor) mesh over ``devices`` (default: every device of every process).
+    """A (data, fsdp, tensor[, sequence]) mesh over ``devices`` (default: every device).
 
-    Devices are laid out with ``mesh_utils.create_device_mesh`` (topology-aware on TPU), falling
-    back to the plain device order where it does not apply (CPU, uneven shapes).
+    The ``sequence`` axis exists only when ``sequence != 1``. Devices are laid out with
+    ``mesh_utils.create_device_mesh`` (topology-aware on TPU), falling back to the plain device
+    order where it does not apply (CPU, uneven shapes).
     """
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices), sequence)
+    names = AXES + ((SEQUENCE_AXIS,) if len(shape) > len(AXES) else ())
     try:
         from jax.experimental import mesh_utils
 
         arr = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # noqa: BLE001 - any topology complaint: use the plain order
         arr = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(arr, AXES)
+    return Mesh(arr, names)
+
+
+def sequence_shards(mesh: Mesh) -> int:
+    """Size of the mesh's sequence axis (1 when it has none)."""
+    return dict(mesh.shape).get(SEQUENCE_AXIS, 1)
 
 
 def _rules_dict(rules: Sequence[tuple[str, str | None]]) -> dict[str, str | None]:

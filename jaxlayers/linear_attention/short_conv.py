@@ -24,6 +24,11 @@ Choices the papers leave open, made here:
   would read a token of an earlier sequence reads zero instead; the cache reaches only the first
   sequence of each row. The returned cache holds the last ``K - 1`` inputs of the *last* sequence
   (zeros where that sequence is shorter), so it equals the cache of running that sequence alone.
+* Sequence parallelism: under
+  ``pallas_kernels.linear_attention.sequence_context.sequence_parallel_axis`` (inside a
+  ``shard_map`` splitting time), :func:`causal_conv` takes the previous shard's last ``K - 1``
+  inputs as its cache (``sequence_context.halo_exchange``: one ``ppermute``; each shard must hold
+  at least ``K - 1`` tokens) and returns the last shard's cache on every shard.
 * Arithmetic: products and sums in float32, the result rounded once to the compute dtype. The
   cache is kept in the dtype of ``initial_state`` when one is given, else the compute dtype.
 * Init: kernel uniform in ``[-1/sqrt(K), 1/sqrt(K)]`` (the fan-in bound of a depthwise conv, as
@@ -50,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlayers import core
+from pallas_kernels.linear_attention import sequence_context
 
 __all__ = [
     "ACTIVATIONS",
@@ -165,6 +171,13 @@ def causal_conv(
     core.check_choice(activation, ACTIVATIONS, "activation")
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, t)
+    if sequence_context.current() is not None:  # time split over a mesh axis: halo exchange
+        halo = sequence_context.halo_exchange(x, width, initial=cache, segment_ids=segment_ids)
+        with sequence_context.suspended():
+            y, final = causal_conv(
+                x, kernel, bias, activation=activation, segment_ids=segment_ids, initial_state=halo
+            )
+        return y, sequence_context.from_last_shard(final)
 
     xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [b, K - 1 + t, c]
     xp32 = xp.astype(jnp.float32)

@@ -16,6 +16,11 @@ Implementations (all compute the same function): ``"reference"`` (token-by-token
 ``None`` picks Pallas on GPU/TPU and falls back to ``"xla"`` where the kernel raises
 ``NotImplementedError``; on CPU it picks ``"xla"``.
 
+Sequence parallelism: inside a ``jax.shard_map`` body traced under
+:func:`sequence_context.sequence_parallel_axis`, the full-sequence ops take their time-major
+arguments as one shard of a sequence split over that mesh axis and pass states between shards
+(:mod:`.sequence_parallel`, LASP-2 style); the result equals the unsharded op's.
+
 Decays must satisfy ``log_decay <= 0``. When ``log_decay`` is a concrete array (eager call, not
 under ``jit``/``grad`` tracing) a positive entry raises ``ValueError``; under tracing it cannot
 be checked, and the result of the chunked paths (``"xla"``, ``"pallas"``) for positive entries
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import _platform
-from . import reference, xla
+from . import reference, sequence_context, xla
 from .block_sizes import BlockSizes, check_chunk_size
 
 __all__ = [
@@ -120,12 +125,14 @@ def _f32(x):
     return None if x is None else jnp.asarray(x, jnp.float32)
 
 
-def _resolve(q, v, scale, chunk_size):
+def _resolve(q, v, scale, chunk_size, per_key_gate=False):
     dk = q.shape[-1]
     if scale is None:
         scale = dk**-0.5
     if chunk_size is None:
-        chunk_size = BlockSizes.get(_platform.backend(), dk, v.shape[-1], q.dtype).chunk_size
+        chunk_size = BlockSizes.get(
+            _platform.backend(), dk, v.shape[-1], q.dtype, per_key_gate=per_key_gate
+        ).chunk_size
     return scale, chunk_size
 
 
@@ -214,9 +221,27 @@ def gated_linear_attention(
         meaning = "[batch, time, heads]" if log_decay.ndim == 3 else "[batch, time, heads, key_dim]"
         _check_shape("log_decay", log_decay, expected, meaning)
         _check_nonpositive(log_decay)
-    scale, chunk_size = _resolve(q, v, scale, chunk_size)
+    per_key = log_decay is not None and log_decay.ndim == 4
+    scale, chunk_size = _resolve(q, v, scale, chunk_size, per_key_gate=per_key)
     g, s0 = _f32(log_decay), _f32(initial_state)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    if (shard := sequence_context.current()) is not None:  # time axis split over a mesh axis
+        from .sequence_parallel import gated_linear_attention_shard
+
+        return gated_linear_attention_shard(
+            q,
+            k,
+            v,
+            g,
+            axis_name=shard.axis_name,
+            scale=scale,
+            initial_state=s0,
+            return_final_state=return_final_state,
+            segment_ids=seg,
+            chunk_size=chunk_size,
+            implementation=implementation,
+            interpret=interpret,
+        )
 
     candidates = {
         "reference": lambda: reference.gated_linear_attention(
@@ -290,6 +315,24 @@ def delta_rule(
     scale, chunk_size = _resolve(q, v, scale, chunk_size)
     bt, g, s0 = _f32(beta), _f32(log_decay), _f32(initial_state)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    if (shard := sequence_context.current()) is not None:  # time axis split over a mesh axis
+        from .sequence_parallel import delta_rule_shard
+
+        return delta_rule_shard(
+            q,
+            k,
+            v,
+            bt,
+            g,
+            axis_name=shard.axis_name,
+            scale=scale,
+            initial_state=s0,
+            return_final_state=return_final_state,
+            segment_ids=seg,
+            chunk_size=chunk_size,
+            implementation=implementation,
+            interpret=interpret,
+        )
 
     candidates = {
         "reference": lambda: reference.delta_rule(

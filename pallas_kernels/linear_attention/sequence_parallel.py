@@ -21,6 +21,13 @@ where ``L_s`` and ``o_loc`` come from the local chunked op started from a zero s
    its own ``S_in``; the last entry is the final state);
 4. adds the correction ``S_in^T w_t`` to its local outputs.
 
+Two entry points. :func:`gated_linear_attention_sp` / :func:`delta_rule_sp` take global arrays
+and a mesh and run their own ``shard_map``. :func:`gated_linear_attention_shard` /
+:func:`delta_rule_shard` are the per-shard bodies on *local* arrays, for use inside an existing
+``shard_map`` (a whole model sharded over time): :func:`api.gated_linear_attention` and
+:func:`api.delta_rule` call them when :func:`sequence_context.sequence_parallel_axis` is active,
+so every layer built on the ops becomes sequence-parallel without changes.
+
 Gated linear attention (``S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T``): ``M_s`` is diagonal,
 ``exp(sum of g over the shard)`` per key dim (broadcast from ``[b,t,h]`` gates; 1 without gate),
 and ``w_t = exp(G_t) * scale q_t`` with ``G_t`` the inclusive cumulative gate *within the
@@ -85,10 +92,15 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from .. import _platform
-from . import api
+from . import api, sequence_context
 from .reference import segment_runs
 
-__all__ = ["gated_linear_attention_sp", "delta_rule_sp"]
+__all__ = [
+    "gated_linear_attention_sp",
+    "delta_rule_sp",
+    "gated_linear_attention_shard",
+    "delta_rule_shard",
+]
 
 F32 = jnp.float32
 
@@ -134,7 +146,8 @@ def _validate_like_unsharded(op, args, log_decay):
     if log_decay is not None and not isinstance(log_decay, jax.core.Tracer):
         if jnp.issubdtype(log_decay.dtype, jnp.floating):
             api._check_nonpositive(log_decay)
-    jax.eval_shape(op, *args)
+    with sequence_context.suspended():  # the unsharded op on the global shapes
+        jax.eval_shape(op, *args)
 
 
 def _asarray(x):
@@ -245,22 +258,49 @@ def _unpad(o, t, mesh, batch_axis):
 # ---------------------------------------------------------------------------------------------
 
 
-def _gla_local(xs, s0, *, axis_name, n, scale, op_kwargs):
-    """Per-shard body of :func:`gated_linear_attention_sp` (local shapes)."""
-    q, k, v, g, seg = xs["q"], xs["k"], xs["v"], xs.get("g"), xs.get("seg")
+def gated_linear_attention_shard(
+    q,
+    k,
+    v,
+    log_decay=None,
+    *,
+    axis_name: str,
+    scale: float,
+    initial_state=None,
+    return_final_state: bool = False,
+    segment_ids=None,
+    chunk_size: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+):
+    """Per-shard body of :func:`gated_linear_attention_sp`, callable inside any ``shard_map``.
+
+    Shapes are the *local* ones (``q [batch, T_loc, heads, key_dim]``, this shard's block of the
+    time axis over ``axis_name``); ``scale`` is resolved (a number); ``initial_state`` (global,
+    the same on every shard) enters at the start of shard 0. Returns ``o`` (local, v's dtype) or
+    ``(o, final_state)`` with the float32 state after the last token of the last shard (the
+    same on every shard). :func:`api.gated_linear_attention` calls this under
+    :func:`sequence_context.sequence_parallel_axis`.
+    """
+    g, seg = log_decay, segment_ids
     b, tl, h, dk = q.shape
     dv = v.shape[-1]
-    o_loc, s_loc = api.gated_linear_attention(
-        q,
-        k,
-        v,
-        g,
-        scale=scale,
-        initial_state=None,
-        return_final_state=True,
-        segment_ids=seg,
-        **op_kwargs,
-    )
+    n = sequence_context.num_shards(axis_name)
+    s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
+    with sequence_context.suspended():
+        o_loc, s_loc = api.gated_linear_attention(
+            q,
+            k,
+            v,
+            g,
+            scale=scale,
+            initial_state=None,
+            return_final_state=True,
+            segment_ids=seg,
+            chunk_size=chunk_size,
+            implementation=implementation,
+            interpret=interpret,
+        )
     if g is None:
         w_gate = jnp.ones((b, tl, h, dk), F32)
         diag = jnp.ones((b, h, dk), F32)
@@ -290,7 +330,23 @@ def _gla_local(xs, s0, *, axis_name, n, scale, op_kwargs):
     qw = q.astype(F32) * scale * w_gate
     extra = jnp.einsum("bthk,bhkv->bthv", qw, s_in, precision=_precision(q.dtype))
     o = (o_loc.astype(F32) + extra).astype(v.dtype)
-    return o, final
+    return (o, final) if return_final_state else o
+
+
+def _gla_local(xs, s0, *, axis_name, scale, op_kwargs):
+    """Body of the shard_map of :func:`gated_linear_attention_sp` (local shapes)."""
+    return gated_linear_attention_shard(
+        xs["q"],
+        xs["k"],
+        xs["v"],
+        xs.get("g"),
+        axis_name=axis_name,
+        scale=scale,
+        initial_state=s0,
+        return_final_state=True,
+        segment_ids=xs.get("seg"),
+        **op_kwargs,
+    )
 
 
 def gated_linear_attention_sp(
@@ -359,7 +415,7 @@ def gated_linear_attention_sp(
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
 
     op_kwargs = dict(chunk_size=chunk_size, implementation=implementation, interpret=interpret)
-    body = functools.partial(_gla_local, axis_name=axis_name, n=n, scale=scale, op_kwargs=op_kwargs)
+    body = functools.partial(_gla_local, axis_name=axis_name, scale=scale, op_kwargs=op_kwargs)
     o, final = _run_sharded(body, mesh, axis_name, batch_axis, timed, s0)
     o = _unpad(o, t, mesh, batch_axis)
     return (o, final) if return_final_state else o
@@ -370,27 +426,51 @@ def gated_linear_attention_sp(
 # ---------------------------------------------------------------------------------------------
 
 
-def _delta_local(xs, s0, *, axis_name, n, scale, op_kwargs):
-    """Per-shard body of :func:`delta_rule_sp` (local shapes)."""
-    q, k, v, beta = xs["q"], xs["k"], xs["v"], xs["beta"]
-    g, seg = xs.get("g"), xs.get("seg")
+def delta_rule_shard(
+    q,
+    k,
+    v,
+    beta,
+    log_decay=None,
+    *,
+    axis_name: str,
+    scale: float,
+    initial_state=None,
+    return_final_state: bool = False,
+    segment_ids=None,
+    chunk_size: int | None = None,
+    implementation: str | None = None,
+    interpret: bool = False,
+):
+    """Per-shard body of :func:`delta_rule_sp`, callable inside any ``shard_map``.
+
+    Local shapes and conventions as :func:`gated_linear_attention_shard`, plus
+    ``beta [batch, T_loc, heads]``. :func:`api.delta_rule` calls this under
+    :func:`sequence_context.sequence_parallel_axis`.
+    """
+    g, seg = log_decay, segment_ids
     b, tl, h, dk = q.shape
     dv = v.shape[-1]
+    n = sequence_context.num_shards(axis_name)
+    s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
     v_aug = jnp.concatenate([v, jnp.zeros((b, tl, h, dk), v.dtype)], axis=-1)
     eye = jnp.broadcast_to(jnp.eye(dk, dtype=F32), (b, h, dk, dk))
     s0_aug = jnp.concatenate([jnp.zeros((b, h, dk, dv), F32), eye], axis=-1)
-    o_aug, s_aug = api.delta_rule(
-        q,
-        k,
-        v_aug,
-        beta,
-        g,
-        scale=scale,
-        initial_state=s0_aug,
-        return_final_state=True,
-        segment_ids=seg,
-        **op_kwargs,
-    )
+    with sequence_context.suspended():
+        o_aug, s_aug = api.delta_rule(
+            q,
+            k,
+            v_aug,
+            beta,
+            g,
+            scale=scale,
+            initial_state=s0_aug,
+            return_final_state=True,
+            segment_ids=seg,
+            chunk_size=chunk_size,
+            implementation=implementation,
+            interpret=interpret,
+        )
     o_loc, w = o_aug[..., :dv], o_aug[..., dv:]  # w_t = P_t^T scale q_t  [b, tl, h, k]
     resets = None if seg is None else _shard_start_resets(seg, axis_name, n)
 
@@ -406,7 +486,24 @@ def _delta_local(xs, s0, *, axis_name, n, scale, op_kwargs):
     s_in = s_in_all[lax.axis_index(axis_name)]
     extra = jnp.einsum("bthk,bhkv->bthv", w.astype(F32), s_in, precision=prec)
     o = (o_loc.astype(F32) + extra).astype(v.dtype)
-    return o, final
+    return (o, final) if return_final_state else o
+
+
+def _delta_local(xs, s0, *, axis_name, scale, op_kwargs):
+    """Body of the shard_map of :func:`delta_rule_sp` (local shapes)."""
+    return delta_rule_shard(
+        xs["q"],
+        xs["k"],
+        xs["v"],
+        xs["beta"],
+        xs.get("g"),
+        axis_name=axis_name,
+        scale=scale,
+        initial_state=s0,
+        return_final_state=True,
+        segment_ids=xs.get("seg"),
+        **op_kwargs,
+    )
 
 
 def delta_rule_sp(
@@ -473,9 +570,7 @@ def delta_rule_sp(
     s0 = jnp.zeros((b, h, dk, dv), F32) if initial_state is None else initial_state.astype(F32)
 
     op_kwargs = dict(chunk_size=chunk_size, implementation=implementation, interpret=interpret)
-    body = functools.partial(
-        _delta_local, axis_name=axis_name, n=n, scale=scale, op_kwargs=op_kwargs
-    )
+    body = functools.partial(_delta_local, axis_name=axis_name, scale=scale, op_kwargs=op_kwargs)
     o, final = _run_sharded(body, mesh, axis_name, batch_axis, timed, s0)
     o = _unpad(o, t, mesh, batch_axis)
     return (o, final) if return_final_state else o
