@@ -24,6 +24,22 @@ Every registered layer gets a class named after it (``Dense``, ``RMSNorm``, ``At
 ``LM``, ...; see :func:`jaxlayers.registry.class_name`). Sequence mixers also have
 ``step(state, x_t)`` (``module.apply(variables, state, x_t, method="step")``); the ``LM`` class
 adds ``loss`` and ``generate``.
+
+Stateful layers (registered with ``stateful=True``: BatchNorm, PRepBN, EvoNorm-B0) keep their
+running statistics in the ``"batch_stats"`` collection, one variable per leaf of the pure stats
+tree (so ``variables["batch_stats"]`` *is* that tree; initial values from
+:func:`jaxlayers.nnx.initial_stats`), following ``flax.linen.BatchNorm``'s convention. The call
+keeps the pure keywords: with ``train=True`` it runs the pure
+``apply(params, x, cfg, stats=variables["batch_stats"], train=True)``, returns ``y`` and writes
+``new_stats`` back, which needs the collection to be mutable; ``init`` leaves the statistics at
+their initial values. ``train=False`` (the default) uses the stored statistics. Other keywords
+(e.g. PRepBN's ``step=``) pass through::
+
+    module = linen.BatchNorm(norms.BatchNormConfig(dim=16))
+    variables = module.init(jax.random.key(0), x)          # {"params": ..., "batch_stats": ...}
+    y, updates = module.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    y_eval = module.apply(variables, x)
 """
 
 from __future__ import annotations
@@ -31,12 +47,14 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import flax.core.scope
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jaxlayers import core, registry
 from jaxlayers.models import lm as lm_lib
+from jaxlayers.nnx import initial_stats
 
 __all__ = ["Layer", "LM", "wrapper_class"]
 
@@ -67,6 +85,37 @@ def _declare(module: nn.Module, scope, specs: Any, dtype: Any, prefix: str, base
     return out
 
 
+STATS = "batch_stats"
+
+
+def _declare_stats(module: nn.Module, scope, stats: Any) -> dict:
+    """One ``"batch_stats"`` variable per leaf of ``stats`` (nested dicts -> child scopes)."""
+    out: dict[str, Any] = {}
+    for name, value in stats.items():
+        if isinstance(value, dict):
+            out[name] = _declare_stats(module, scope.push(name, reuse=True), value)
+        elif scope is module.scope:
+            out[name] = module.variable(STATS, name, lambda v=value: v)
+        else:
+            out[name] = scope.variable(STATS, name, lambda v=value: v)
+    return out
+
+
+def _read_stats(tree: Any) -> Any:
+    """The values of a (possibly frozen) nested mapping of variables, as plain dicts."""
+    if isinstance(tree, flax.core.scope.Variable):
+        return tree.value
+    return {k: _read_stats(v) for k, v in tree.items()}
+
+
+def _write_stats(tree: Any, values: Any) -> None:
+    if isinstance(tree, flax.core.scope.Variable):
+        tree.value = jnp.asarray(values, jnp.result_type(tree.value))
+        return
+    for k, v in tree.items():
+        _write_stats(v, values[k])
+
+
 class Layer(nn.Module):
     """A linen module around any registered layer config ``cfg``."""
 
@@ -74,11 +123,6 @@ class Layer(nn.Module):
 
     def setup(self):
         fns = core.layer_fns(self.cfg)
-        if fns.stateful:
-            raise NotImplementedError(
-                f"layer {fns.name!r} threads non-trainable state; the generic wrapper supports "
-                "stateless layers only"
-            )
         cache: dict[str, jax.Array] = {}
 
         def base_key(rng: jax.Array) -> jax.Array:
@@ -92,13 +136,47 @@ class Layer(nn.Module):
 
         specs = fns.param_specs(self.cfg)
         self._tree = _declare(self, self.scope, specs, self.cfg.param_dtype, "", base_key)
+        if fns.stateful:
+            self._stats = _declare_stats(self, self.scope, initial_stats(self.cfg))
 
     def pure_params(self) -> Any:
         """The params as the pure layer's tree (plain arrays)."""
         return nn.unbox(self._tree)
 
+    def pure_stats(self) -> Any:
+        """Stateful layers: the running statistics as the pure stats tree."""
+        fns = core.layer_fns(self.cfg)
+        if not fns.stateful:
+            raise TypeError(f"layer {fns.name!r} is not stateful: it has no statistics")
+        return _read_stats(self._stats)
+
     def __call__(self, x: Any, **kwargs: Any) -> Any:
-        return core.apply(self.pure_params(), x, self.cfg, **kwargs)
+        fns = core.layer_fns(self.cfg)
+        if not fns.stateful:
+            return fns.apply(self.pure_params(), x, self.cfg, **kwargs)
+        if "stats" in kwargs:
+            raise TypeError(
+                "stats must not be passed to a stateful module: it reads the running statistics "
+                f"from the {STATS!r} collection"
+            )
+        out = fns.apply(self.pure_params(), x, self.cfg, stats=self.pure_stats(), **kwargs)
+        if not kwargs.get("train", False):
+            return out
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(
+                f"stateful layer {fns.name!r} must return (y, new_stats) with train=True; got "
+                f"{type(out).__name__}"
+            )
+        y, new_stats = out
+        if self.is_initializing():
+            return y
+        if not self.is_mutable_collection(STATS):
+            raise ValueError(
+                f"train=True updates the running statistics: the {STATS!r} collection must be "
+                f"mutable (apply(..., mutable=[{STATS!r}])); got it immutable"
+            )
+        _write_stats(self._stats, new_stats)
+        return y
 
     def init_state(self, batch: int, dtype: Any = jnp.float32) -> Any:
         return core.init_state(self.cfg, batch, dtype)

@@ -23,10 +23,26 @@ unless ``eager_sharding=True`` is passed, because logical names are not mesh axe
 ``Layer(cfg, params=pure_params)`` builds the module around existing pure params (e.g. from a
 checkpoint); ``module.pure_params()`` returns them. Sequence mixers also get
 ``init_state(batch, dtype)`` and ``step(state, x_t)``.
+
+Stateful layers (registered with ``stateful=True``: BatchNorm, PRepBN, EvoNorm-B0) keep their
+running statistics in ``nnx.BatchStat`` variables, a nested dict ``module.stats`` mirroring the
+pure stats tree (initial values from :func:`initial_stats`, or ``Layer(cfg, stats=...)``). The
+call keeps the pure keywords: ``module(x, train=True)`` runs the pure
+``apply(params, x, cfg, stats=<stored>, train=True)``, stores the returned ``new_stats`` and
+returns ``y`` only; ``module(x)`` / ``train=False`` uses the stored statistics and leaves them
+as they are. Other keywords (e.g. PRepBN's ``step=``) pass through. Inside ``nnx.jit`` the update
+propagates back to the module as for any NNX variable. ``module.pure_stats()`` returns the
+statistics, ``module.load_stats(stats)`` overwrites them, and ``nnx.state(module, nnx.Param)``
+selects the trainable params alone::
+
+    bn = nnx.BatchNorm(dim=16, rngs=fnnx.Rngs(0))
+    y = bn(x, train=True)                 # == batch_norm(params, x, cfg, stats=s0, train=True)[0]
+    y_eval = bn(x)                        # uses the updated running statistics
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -36,7 +52,7 @@ from flax import nnx
 from jaxlayers import core, registry
 from jaxlayers.models import lm as lm_lib
 
-__all__ = ["Layer", "LM", "wrapper_class"]
+__all__ = ["Layer", "LM", "initial_stats", "wrapper_class"]
 
 
 def _is_var(x: Any) -> bool:
@@ -60,6 +76,59 @@ def _check_structure(params: Any, cfg: Any) -> None:
             raise ValueError(f"params{path} must have shape {w.shape}; got {g.shape}")
 
 
+def initial_stats(cfg: Any) -> Any:
+    """The starting running statistics of a stateful layer (a pure tree of arrays).
+
+    The registry has no hook for them yet, so this follows the layer modules' convention: the
+    module defining the layer's ``apply`` exposes ``init_stats(cfg)`` (PRepBN, EvoNorm-B0) or
+    ``init_batch_stats(cfg)`` (BatchNorm in :mod:`jaxlayers.norms`).
+    """
+    fns = core.layer_fns(cfg)
+    if not fns.stateful:
+        raise TypeError(f"layer {fns.name!r} is not stateful: it has no running statistics")
+    module = sys.modules.get(getattr(fns.apply, "__module__", ""), None)
+    for attr in ("init_stats", "init_batch_stats"):
+        fn = getattr(module, attr, None)
+        if callable(fn):
+            return jax.tree.map(jnp.asarray, fn(cfg))
+    raise TypeError(
+        f"stateful layer {fns.name!r} must define init_stats(cfg) (or init_batch_stats(cfg)) "
+        f"next to its apply in module {getattr(module, '__name__', module)!r}"
+    )
+
+
+def _check_stats(stats: Any, cfg: Any) -> None:
+    want = jax.eval_shape(lambda: initial_stats(cfg))
+    want_s, got_s = jax.tree.structure(want), jax.tree.structure(stats)
+    if want_s != got_s:
+        raise ValueError(f"stats must have the tree {want_s}; got {got_s}")
+    for path, w, g in zip(
+        [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(want)[0]],
+        jax.tree.leaves(want),
+        jax.tree.leaves(stats),
+        strict=True,
+    ):
+        if tuple(jnp.shape(g)) != tuple(w.shape):
+            raise ValueError(f"stats{path} must have shape {w.shape}; got {jnp.shape(g)}")
+
+
+def _split_train_output(out: Any, name: str) -> tuple[Any, Any]:
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise TypeError(
+            f"stateful layer {name!r} must return (y, new_stats) with train=True; got "
+            f"{type(out).__name__}"
+        )
+    return out
+
+
+def _check_no_stats_kwarg(kwargs: dict[str, Any]) -> None:
+    if "stats" in kwargs:
+        raise TypeError(
+            "stats must not be passed to a stateful module: it holds the running statistics "
+            "itself (load them with the stats= constructor argument or load_stats)"
+        )
+
+
 class Layer(nnx.Module):
     """An NNX module around any registered layer config.
 
@@ -69,6 +138,8 @@ class Layer(nnx.Module):
         ``params``.
       params: existing pure params to wrap instead of initialising new ones.
       eager_sharding: passed to every ``nnx.Param`` (see the module docstring).
+      stats: stateful layers only: existing running statistics (default
+        :func:`initial_stats`).
     """
 
     def __init__(
@@ -78,13 +149,11 @@ class Layer(nnx.Module):
         rngs: nnx.Rngs | None = None,
         params: Any = None,
         eager_sharding: bool | None = False,
+        stats: Any = None,
     ):
         fns = core.layer_fns(cfg)
-        if fns.stateful:
-            raise NotImplementedError(
-                f"layer {fns.name!r} threads non-trainable state; the generic wrapper supports "
-                "stateless layers only"
-            )
+        if stats is not None and not fns.stateful:
+            raise ValueError(f"stats must be None for the stateless layer {fns.name!r}")
         self.cfg = cfg
         specs = fns.param_specs(cfg)
         if params is None:
@@ -103,6 +172,12 @@ class Layer(nnx.Module):
                 axes,
             )
         )
+        if fns.stateful:
+            if stats is None:
+                stats = initial_stats(cfg)
+            else:
+                _check_stats(stats, cfg)
+            self.stats = nnx.data(jax.tree.map(lambda a: nnx.BatchStat(jnp.asarray(a)), stats))
 
     @property
     def layer(self) -> core.LayerFns:
@@ -121,8 +196,36 @@ class Layer(nnx.Module):
 
         jax.tree.map(_set, self.params, params, is_leaf=_is_var)
 
+    def pure_stats(self) -> Any:
+        """Stateful layers: the running statistics as the pure stats tree (plain arrays)."""
+        if not self.layer.stateful:
+            raise TypeError(f"layer {self.layer.name!r} is not stateful: it has no statistics")
+        return jax.tree.map(lambda v: v[...], self.stats, is_leaf=_is_var)
+
+    def load_stats(self, stats: Any) -> None:
+        """Stateful layers: overwrite the running statistics with a pure stats tree."""
+        if not self.layer.stateful:
+            raise TypeError(f"layer {self.layer.name!r} is not stateful: it has no statistics")
+        _check_stats(stats, self.cfg)
+        self._write_stats(stats)
+
+    def _write_stats(self, stats: Any) -> None:
+        def _set(var, value):
+            var[...] = jnp.asarray(value, var[...].dtype)
+
+        jax.tree.map(_set, self.stats, stats, is_leaf=_is_var)
+
     def __call__(self, x: Any, **kwargs: Any) -> Any:
-        return self.layer.apply(self.pure_params(), x, self.cfg, **kwargs)
+        fns = self.layer
+        if not fns.stateful:
+            return fns.apply(self.pure_params(), x, self.cfg, **kwargs)
+        _check_no_stats_kwarg(kwargs)
+        out = fns.apply(self.pure_params(), x, self.cfg, stats=self.pure_stats(), **kwargs)
+        if not kwargs.get("train", False):
+            return out
+        y, new_stats = _split_train_output(out, fns.name)
+        self._write_stats(new_stats)
+        return y
 
     def init_state(self, batch: int, dtype: Any = jnp.float32) -> Any:
         return core.init_state(self.cfg, batch, dtype)
@@ -184,9 +287,13 @@ def wrapper_class(layer_name: str) -> type:
     config_cls = fns.config
     cls_name = registry.class_name(layer_name)
 
-    def __init__(self, cfg=None, *, rngs=None, params=None, eager_sharding=False, **config_kwargs):
+    def __init__(
+        self, cfg=None, *, rngs=None, params=None, eager_sharding=False, stats=None, **config_kwargs
+    ):
         cfg = _resolve_config(config_cls, cfg, config_kwargs)
-        Layer.__init__(self, cfg, rngs=rngs, params=params, eager_sharding=eager_sharding)
+        Layer.__init__(
+            self, cfg, rngs=rngs, params=params, eager_sharding=eager_sharding, stats=stats
+        )
 
     doc = (
         f"NNX module for the ``{layer_name}`` layer ({config_cls.__module__}).\n\n"

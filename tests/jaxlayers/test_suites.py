@@ -225,9 +225,18 @@ def test_bf16_close_to_f32(name):
 # ----------------------------------------------------------------------------------------------
 
 
-def _skip_stateful(name: str) -> None:
-    if core.layer_fns(name).stateful:
-        pytest.skip("the generic Flax wrappers support stateless layers only")
+def _wrapper_reference(name: str) -> tuple[Any, Any]:
+    """(output, updated stats) of the pure reference; stateless layers have stats None.
+
+    A stateful layer's example trains (``train=True``) from ``stats=None``, i.e. from its
+    initial statistics, which is where a fresh wrapper starts too; the wrappers return ``y``
+    and keep ``new_stats`` (checked here against the pure ones). Several consecutive calls and
+    eval are in test_flax_stateful.py.
+    """
+    ref = _reference(name)
+    if core.layer_fns(name).stateful and dict(_kwargs(name)).get("train", False):
+        return ref
+    return ref, None
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -236,13 +245,12 @@ def test_nnx_matches_pure(name):
 
     from jaxlayers import nnx
 
-    _skip_stateful(name)
     cfg, params, x = _ex(name).config, _params(name), _input(name)
     cls = nnx.wrapper_class(name)
 
     fresh = cls(cfg, rngs=fnnx.Rngs(0))
     assert jax.tree.structure(fresh.pure_params()) == jax.tree.structure(params)
-    specs = fnnx.get_partition_spec(fnnx.state(fresh))
+    specs = fnnx.get_partition_spec(fnnx.state(fresh, fnnx.Param))
     got_axes = [
         tuple(v.get_value())
         for v in jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, fnnx.Variable))
@@ -255,7 +263,10 @@ def test_nnx_matches_pure(name):
     module = cls(cfg, params=params)
     kwargs = _kwargs(name)
     out = fnnx.jit(lambda m, xx: m(xx, **kwargs))(module, x)
-    assert_rel_close(out, _reference(name), WRAPPER_TOL, name=f"{name}[nnx]")
+    ref, ref_stats = _wrapper_reference(name)
+    assert_rel_close(out, ref, WRAPPER_TOL, name=f"{name}[nnx]")
+    if ref_stats is not None:
+        assert_rel_close(module.pure_stats(), ref_stats, WRAPPER_TOL, name=f"{name}[nnx stats]")
 
     # load_params round-trips into an existing module.
     fresh.load_params(params)
@@ -269,7 +280,6 @@ def test_linen_matches_pure(name):
 
     from jaxlayers import linen
 
-    _skip_stateful(name)
     cfg, params, x = _ex(name).config, _params(name), _input(name)
     module = linen.wrapper_class(name)(cfg)
     kwargs = _kwargs(name)
@@ -292,8 +302,17 @@ def test_linen_matches_pure(name):
     )
     assert got_axes == [tuple(a) for a in want_axes]
 
-    out = jax.jit(lambda p, xx: module.apply({"params": p}, xx, **kwargs))(params, x)
-    assert_rel_close(out, _reference(name), WRAPPER_TOL, name=f"{name}[linen]")
+    ref, ref_stats = _wrapper_reference(name)
+    if ref_stats is None:
+        out = jax.jit(lambda p, xx: module.apply({"params": p}, xx, **kwargs))(params, x)
+    else:
+        # Stateful: the statistics start at their initial values and come back updated.
+        out, updates = jax.jit(
+            lambda p, xx: module.apply({"params": p}, xx, mutable=["batch_stats"], **kwargs)
+        )(params, x)
+        stats = updates["batch_stats"]
+        assert_rel_close(stats, ref_stats, WRAPPER_TOL, name=f"{name}[linen stats]")
+    assert_rel_close(out, ref, WRAPPER_TOL, name=f"{name}[linen]")
 
 
 # ----------------------------------------------------------------------------------------------
