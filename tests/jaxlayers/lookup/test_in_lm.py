@@ -57,7 +57,13 @@ def _check_lm(cfg: LMConfig, key):
     return params
 
 
-@pytest.mark.parametrize("name", sorted(MLPS))
+# The three heaviest compile for ~20 s each on 2 cores: covered by `pytest -m slow`.
+_SLOW = {"memoryformer_block", "ultramem", "peer"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n for n in sorted(MLPS)]
+)
 def test_lookup_layer_as_lm_mlp(name, key):
     cfg = LMConfig.uniform(vocab_size=V, d_model=D, num_layers=1, mixer=_mixer(), mlp=MLPS[name])
     params = _check_lm(cfg, key)
