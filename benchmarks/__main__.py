@@ -35,14 +35,57 @@ from benchmarks.harness import format_table, machine_info, save_json
 
 COLUMNS = ["shape", "op", "impl", "fwd_ms", "fwdbwd_ms", "ratio", "tokens_per_s", "compile_s"]
 LOOKUP_COLUMNS = ["shape", "impl", "fwd_ms", "ratio", "flops", "param_bytes", "GBps", "error"]
-MIXER_COLUMNS = ["layer", "T", "num_heads", "fwd_ms", "fwdbwd_ms", "ratio", "fwd_MiB",
-                 "fwdbwd_MiB", "mem_ratio", "compile_s", "note"]
-PROJ_COLUMNS = ["layer", "kind", "shape", "params", "fwd_ms", "fwdbwd_ms", "ratio", "fwdbwd_MiB",
-                "mem_ratio", "compile_s", "note"]
-TRAIN_COLUMNS = ["mixer", "shape", "dtype", "params", "step_ms", "tokens_per_s", "ratio", "MiB",
-                 "compile_s", "first_loss", "note"]
-PEER_COLUMNS = ["variant", "T", "impl", "fwd_ms", "ratio", "rel_err", "state_rel_err",
-                "max_abs_err", "peer_source", "note"]
+MIXER_COLUMNS = [
+    "layer",
+    "T",
+    "num_heads",
+    "fwd_ms",
+    "fwdbwd_ms",
+    "ratio",
+    "fwd_MiB",
+    "fwdbwd_MiB",
+    "mem_ratio",
+    "compile_s",
+    "note",
+]
+PROJ_COLUMNS = [
+    "layer",
+    "kind",
+    "shape",
+    "params",
+    "fwd_ms",
+    "fwdbwd_ms",
+    "ratio",
+    "fwdbwd_MiB",
+    "mem_ratio",
+    "compile_s",
+    "note",
+]
+TRAIN_COLUMNS = [
+    "mixer",
+    "shape",
+    "dtype",
+    "params",
+    "step_ms",
+    "tokens_per_s",
+    "ratio",
+    "MiB",
+    "compile_s",
+    "first_loss",
+    "note",
+]
+PEER_COLUMNS = [
+    "variant",
+    "T",
+    "impl",
+    "fwd_ms",
+    "ratio",
+    "rel_err",
+    "state_rel_err",
+    "max_abs_err",
+    "peer_source",
+    "note",
+]
 
 # --quick runs these layers (the ones registered), unless --layers says otherwise.
 QUICK_MIXERS = ("attention", "gla")
@@ -90,9 +133,9 @@ def _names(args, quick_default):
 
 def run_linear_attention(args):
     if args.quick:
-        rows = kernels.linear_attention(Ts=(128, 256), B=1, H=2, D=32,
-                                        variants=("gla", "delta"), reference_max_T=128,
-                                        repeats=2)
+        rows = kernels.linear_attention(
+            Ts=(128, 256), B=1, H=2, D=32, variants=("gla", "delta"), reference_max_T=128, repeats=2
+        )
     else:
         rows = kernels.linear_attention()
     print(format_table(rows, COLUMNS))
@@ -101,8 +144,9 @@ def run_linear_attention(args):
     print("log-log slope of fwd+bwd time vs T:", {k: round(v, 2) for k, v in sl.items()})
     print("crossover T (gla/xla faster than softmax from):", cross)
     out = os.path.join(args.out, "linear_attention")
-    save_json(out + ".json", {"machine": machine_info(), "rows": rows, "slopes": sl,
-                              "crossover_T": cross})
+    save_json(
+        out + ".json", {"machine": machine_info(), "rows": rows, "slopes": sl, "crossover_T": cross}
+    )
     _plot_la(rows, os.path.join(args.out, "linear_attention.png"))
     return rows
 
@@ -122,8 +166,14 @@ def run_layers(args):
 
     quiet = lambda s: None
     if args.quick:
-        settings = dict(Ts=(64, 128), d_model=64, head_dim=16, repeats=2, budget_s=10.0,
-                        compiler_options=QUICK_XLA)
+        settings = dict(
+            Ts=(64, 128),
+            d_model=64,
+            head_dim=16,
+            repeats=2,
+            budget_s=10.0,
+            compiler_options=QUICK_XLA,
+        )
         proj = dict(N=256, d=64, repeats=2, budget_s=10.0, compiler_options=QUICK_XLA)
     else:
         mem = int(args.mem_budget_gib * 2**30)
@@ -134,12 +184,20 @@ def run_layers(args):
     proj_rows = layers.projections(names=_names(args, QUICK_PROJECTIONS), log=quiet, **proj)
     print(format_table(proj_rows, PROJ_COLUMNS))
     rows = mixer_rows + proj_rows
-    save_json(os.path.join(args.out, "layers.json"),
-              {"machine": machine_info(), "settings": {k: str(v) for k, v in settings.items()},
-               "rows": rows})
+    save_json(
+        os.path.join(args.out, "layers.json"),
+        {
+            "machine": machine_info(),
+            "settings": {k: str(v) for k, v in settings.items()},
+            "rows": rows,
+        },
+    )
     d = settings.get("d_model", 512)
-    layers.plot(mixer_rows, os.path.join(args.out, "layers.png"),
-                f"sequence mixers, d_model {d}, batch 1 ({machine_info()['device_kind']})")
+    layers.plot(
+        mixer_rows,
+        os.path.join(args.out, "layers.png"),
+        f"sequence mixers, d_model {d}, batch 1 ({machine_info()['device_kind']})",
+    )
     return rows
 
 
@@ -147,15 +205,28 @@ def run_training(args):
     from benchmarks import training
 
     if args.quick:
-        settings = dict(d_model=32, num_layers=1, num_heads=2, mlp_hidden=64, T=64, batch=2,
-                        steps=2, compiler_options=QUICK_XLA)
+        settings = dict(
+            d_model=32,
+            num_layers=1,
+            num_heads=2,
+            mlp_hidden=64,
+            T=64,
+            batch=2,
+            steps=2,
+            compiler_options=QUICK_XLA,
+        )
     else:
         settings = {}
     rows = training.training(names=_names(args, QUICK_TRAIN), log=lambda s: None, **settings)
     print(format_table(rows, TRAIN_COLUMNS))
-    save_json(os.path.join(args.out, "training.json"),
-              {"machine": machine_info(), "settings": {k: str(v) for k, v in settings.items()},
-               "rows": rows})
+    save_json(
+        os.path.join(args.out, "training.json"),
+        {
+            "machine": machine_info(),
+            "settings": {k: str(v) for k, v in settings.items()},
+            "rows": rows,
+        },
+    )
     return rows
 
 
@@ -181,10 +252,11 @@ def run_peers(args):
     if skipped:
         print(skipped)
     else:
-        print(format_table(_sci(rows, ("rel_err", "state_rel_err", "max_abs_err")),
-                           PEER_COLUMNS))
-    save_json(os.path.join(args.out, "peers.json"),
-              {"machine": machine_info(), "rows": rows, "skipped": skipped})
+        print(format_table(_sci(rows, ("rel_err", "state_rel_err", "max_abs_err")), PEER_COLUMNS))
+    save_json(
+        os.path.join(args.out, "peers.json"),
+        {"machine": machine_info(), "rows": rows, "skipped": skipped},
+    )
     return rows
 
 
@@ -202,8 +274,9 @@ def run_scaleout(args):
     flags = env.get("XLA_FLAGS", "")
     if "--xla_force_host_platform_device_count" not in flags:
         env["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
-    return subprocess.run([sys.executable, "-m", "benchmarks.scaleout", *argv], env=env,
-                          check=False).returncode
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.scaleout", *argv], env=env, check=False
+    ).returncode
 
 
 SUITES = {
@@ -221,14 +294,25 @@ def main(argv=None) -> int:
     p.add_argument("suite", choices=[*SUITES, "all"])
     p.add_argument("--quick", action="store_true", help="tiny shapes, well under a minute")
     p.add_argument("--out", default="benchmarks/out")
-    p.add_argument("--layers", default="",
-                   help="comma-separated layer names for the layers/training suites, or 'all' "
-                        "(default: all; with --quick a small sample)")
-    p.add_argument("--budget", type=float, default=120.0,
-                   help="layers suite: seconds of timing allowed per layer and size (estimated "
-                        "from the smaller sizes; larger ones are skipped and reported)")
-    p.add_argument("--mem-budget-gib", type=float, default=8.0,
-                   help="layers suite: skip a compiled program needing more memory than this")
+    p.add_argument(
+        "--layers",
+        default="",
+        help="comma-separated layer names for the layers/training suites, or 'all' "
+        "(default: all; with --quick a small sample)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="layers suite: seconds of timing allowed per layer and size (estimated "
+        "from the smaller sizes; larger ones are skipped and reported)",
+    )
+    p.add_argument(
+        "--mem-budget-gib",
+        type=float,
+        default=8.0,
+        help="layers suite: skip a compiled program needing more memory than this",
+    )
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     print(machine_info())
@@ -236,8 +320,11 @@ def main(argv=None) -> int:
         print(f"== {name}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         SUITES[name](args)
-        print(f"== {name}: {time.perf_counter() - t0:.1f} s wall, "
-              f"{time.process_time() - c0:.1f} s CPU", flush=True)
+        print(
+            f"== {name}: {time.perf_counter() - t0:.1f} s wall, "
+            f"{time.process_time() - c0:.1f} s CPU",
+            flush=True,
+        )
     return 0
 
 

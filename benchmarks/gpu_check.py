@@ -103,9 +103,11 @@ def la_inputs(key, variant, B, T, H, K, V, dtype):
             jax.random.normal(ks[4], (B, T, H), jnp.float32) + 4.0
         )
     if variant == "gla":
-        extra["log_decay"] = jax.nn.log_sigmoid(
-            jax.random.normal(ks[4], (B, T, H, K), jnp.float32) + 4.0
-        ) / 16.0 * 16.0
+        extra["log_decay"] = (
+            jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K), jnp.float32) + 4.0)
+            / 16.0
+            * 16.0
+        )
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), extra
 
 
@@ -135,35 +137,58 @@ def part_correct_la(args):
     if not args.quick:
         shapes.append((2, 2048, 4, 128, 64))
     for variant in VARIANTS:
-        for (B, T, H, K, V) in shapes:
+        for B, T, H, K, V in shapes:
             for dtype in (jnp.float32, jnp.bfloat16):
                 key = jax.random.key(hash((variant, T, K, str(dtype))) & 0xFFFF)
                 q, k, v, extra = la_inputs(key, variant, B, T, H, K, V, dtype)
                 h0 = jax.random.normal(jax.random.key(7), (B, H, K, V), jnp.float32) * 0.1
                 cot = jax.random.normal(jax.random.key(8), (B, T, H, V), jnp.float32)
-                row = {"part": "correct", "op": variant, "shape": f"{B}x{T}x{H}x{K}x{V}",
-                       "dtype": jnp.dtype(dtype).name}
+                row = {
+                    "part": "correct",
+                    "op": variant,
+                    "shape": f"{B}x{T}x{H}x{K}x{V}",
+                    "dtype": jnp.dtype(dtype).name,
+                }
                 with jax.default_matmul_precision("highest"):
                     ref_o, ref_s = jax.jit(
-                        lambda q, k, v, e: la_call(variant, q, k, v, e, "reference",
-                                                   initial_state=h0, return_final_state=True)
+                        lambda q, k, v, e: la_call(
+                            variant,
+                            q,
+                            k,
+                            v,
+                            e,
+                            "reference",
+                            initial_state=h0,
+                            return_final_state=True,
+                        )
                     )(q, k, v, extra)
                     g_ref = la_loss_grad(variant, "reference", initial_state=h0)(
-                        q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                        extra, cot)
+                        q.astype(jnp.float32),
+                        k.astype(jnp.float32),
+                        v.astype(jnp.float32),
+                        extra,
+                        cot,
+                    )
                 try:
                     o, s = jax.jit(
-                        lambda q, k, v, e: la_call(variant, q, k, v, e, "pallas",
-                                                   initial_state=h0, return_final_state=True)
+                        lambda q, k, v, e: la_call(
+                            variant, q, k, v, e, "pallas", initial_state=h0, return_final_state=True
+                        )
                     )(q, k, v, extra)
                     row["err_o"] = _rel(o, ref_o)
                     row["err_state"] = _rel(s, ref_s)
                     g = la_loss_grad(variant, "pallas", initial_state=h0)(q, k, v, extra, cot)
-                    errs = [_rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref),
-                                                       strict=True)]
+                    errs = [
+                        _rel(a, b)
+                        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True)
+                    ]
                     row["err_grad_max"] = max(errs)
-                    row["finite"] = bool(all(np.isfinite(np.asarray(x, np.float32)).all()
-                                             for x in jax.tree.leaves((o, s, g))))
+                    row["finite"] = bool(
+                        all(
+                            np.isfinite(np.asarray(x, np.float32)).all()
+                            for x in jax.tree.leaves((o, s, g))
+                        )
+                    )
                 except Exception as e:  # record and continue
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     where = f"correct {variant} {row['shape']} {row['dtype']}"
@@ -176,29 +201,36 @@ def part_correct_la(args):
 def part_correct_lookup(args):
     from pallas_kernels import lookup
 
-    for (N, J, R, D) in [(1000, 3, 64, 128), (4096, 8, 256, 256), (777, 1, 16, 64)]:
+    for N, J, R, D in [(1000, 3, 64, 128), (4096, 8, 256, 256), (777, 1, 16, 64)]:
         for dtype in (jnp.float32, jnp.bfloat16):
             ks = jax.random.split(jax.random.key(N + J), 4)
             idx = jax.random.randint(ks[0], (N, J), 0, R, jnp.int32)
             w = jax.random.normal(ks[1], (N, J), jnp.float32).astype(dtype)
             tab = jax.random.normal(ks[2], (J, R, D), jnp.float32).astype(dtype)
             cot = jax.random.normal(ks[3], (N, D), jnp.float32)
-            row = {"part": "correct", "op": "gather_sum", "shape": f"{N}x{J}x{R}x{D}",
-                   "dtype": jnp.dtype(dtype).name}
+            row = {
+                "part": "correct",
+                "op": "gather_sum",
+                "shape": f"{N}x{J}x{R}x{D}",
+                "dtype": jnp.dtype(dtype).name,
+            }
 
             def loss(w, t, impl):
-                return jnp.sum(lookup.gather_sum(idx, w, t, implementation=impl)
-                               .astype(jnp.float32) * cot)
+                return jnp.sum(
+                    lookup.gather_sum(idx, w, t, implementation=impl).astype(jnp.float32) * cot
+                )
 
             try:
                 with jax.default_matmul_precision("highest"):
-                    ref = jax.jit(lambda w, t: lookup.gather_sum(
-                        idx, w, t, implementation="reference"))(
-                        w.astype(jnp.float32), tab.astype(jnp.float32))
+                    ref = jax.jit(
+                        lambda w, t: lookup.gather_sum(idx, w, t, implementation="reference")
+                    )(w.astype(jnp.float32), tab.astype(jnp.float32))
                     gref = jax.jit(jax.grad(lambda w, t: loss(w, t, "reference"), (0, 1)))(
-                        w.astype(jnp.float32), tab.astype(jnp.float32))
+                        w.astype(jnp.float32), tab.astype(jnp.float32)
+                    )
                 out = jax.jit(lambda w, t: lookup.gather_sum(idx, w, t, implementation="pallas"))(
-                    w, tab)
+                    w, tab
+                )
                 g = jax.jit(jax.grad(lambda w, t: loss(w, t, "pallas"), (0, 1)))(w, tab)
                 row["err_o"] = _rel(out, ref)
                 row["err_grad_max"] = max(_rel(a, b) for a, b in zip(g, gref, strict=True))
@@ -214,8 +246,14 @@ def part_correct_lookup(args):
 # ------------------------------------------------------------------------------------------
 
 ISSUE_SHAPES = [(4, T, 16, 128, 128) for T in (2048, 8192, 32768)]
-PEER_TABLE_SHAPES = [(1, 8192, 96, 128), (2, 16384, 16, 128), (4, 2048, 16, 128),
-                     (4, 4096, 64, 128), (8, 1024, 8, 64), (8, 2048, 32, 256)]
+PEER_TABLE_SHAPES = [
+    (1, 8192, 96, 128),
+    (2, 16384, 16, 128),
+    (4, 2048, 16, 128),
+    (4, 4096, 64, 128),
+    (8, 1024, 8, 64),
+    (8, 2048, 32, 256),
+]
 
 
 def _shapes(args):
@@ -232,7 +270,7 @@ def _shapes(args):
 
 @_guard("la")
 def part_la(args):
-    for (B, T, H, K, V) in _shapes(args):
+    for B, T, H, K, V in _shapes(args):
         shape = f"{B}x{T}x{H}x{K}"
         for variant in [x for x in args.variants.split(",") if x and args.impls]:
             q, k, v, extra = la_inputs(jax.random.key(T), variant, B, T, H, K, V, jnp.bfloat16)
@@ -256,12 +294,12 @@ def part_la(args):
             qa = jax.random.normal(jax.random.key(2), (B, T, H, K), jnp.bfloat16)
 
             def attn(q, k, v):
-                return jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                                    implementation="cudnn")
+                return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
             row["fwd_ms"] = time_fn(jax.jit(attn), qa, qa, qa).median_ms
-            g = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)),
-                                 (0, 1, 2)))
+            g = jax.jit(
+                jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), (0, 1, 2))
+            )
             row["fwdbwd_ms"] = time_fn(g, qa, qa, qa).median_ms
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
@@ -273,14 +311,13 @@ def part_la(args):
 def part_lookup(args, copy_gbps):
     from pallas_kernels import lookup
 
-    for (N, J, R, D) in [(65536, 8, 4096, 512), (131072, 16, 1024, 1024), (262144, 4, 65536, 256)]:
+    for N, J, R, D in [(65536, 8, 4096, 512), (131072, 16, 1024, 1024), (262144, 4, 65536, 256)]:
         for impl in ("pallas", "xla"):
             ks = jax.random.split(jax.random.key(N), 3)
             idx = jax.random.randint(ks[0], (N, J), 0, R, jnp.int32)
             w = jax.random.normal(ks[1], (N, J), jnp.bfloat16)
             tab = jax.random.normal(ks[2], (J, R, D), jnp.bfloat16)
-            row = {"part": "lookup", "op": "gather_sum", "shape": f"{N}x{J}x{R}x{D}",
-                   "impl": impl}
+            row = {"part": "lookup", "op": "gather_sum", "shape": f"{N}x{J}x{R}x{D}", "impl": impl}
             try:
                 f = jax.jit(lambda i, w, t: lookup.gather_sum(i, w, t, implementation=impl))
                 t = time_fn(f, idx, w, tab, repeats=20)
@@ -306,7 +343,7 @@ def part_peers(args):
     from fla.ops.simple_gla import chunk_simple_gla
 
     dev = "cuda"
-    for (B, T, H, K, V) in _shapes(args):
+    for B, T, H, K, V in _shapes(args):
         shape = f"{B}x{T}x{H}x{K}"
         for variant in args.variants.split(","):
             torch.manual_seed(0)
@@ -333,17 +370,22 @@ def part_peers(args):
             fn = peer_fns[variant]
             row = {"part": "la", "op": variant, "shape": shape, "impl": "fla", "T": T}
             try:
-                row["fwd_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100,
-                                                        return_mode="median")
+                row["fwd_ms"] = triton.testing.do_bench(
+                    fn, warmup=25, rep=100, return_mode="median"
+                )
                 do = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
 
                 def fb():
                     o = fn()
                     o.backward(do)
 
-                row["fwdbwd_ms"] = triton.testing.do_bench(fb, warmup=25, rep=100,
-                                                           return_mode="median",
-                                                           grad_to_none=[q, k, v, beta, gs, gk])
+                row["fwdbwd_ms"] = triton.testing.do_bench(
+                    fb,
+                    warmup=25,
+                    rep=100,
+                    return_mode="median",
+                    grad_to_none=[q, k, v, beta, gs, gk],
+                )
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             ROWS.append(row)
@@ -373,16 +415,26 @@ def main(argv=None):
         part_la(args)
     if "lookup" in parts:
         part_lookup(args, copy_gbps)
-    save_json(os.path.join(args.out, "gpu_check.json"),
-              {"machine": machine_info(), "rows": ROWS, "errors": ERRORS})
+    save_json(
+        os.path.join(args.out, "gpu_check.json"),
+        {"machine": machine_info(), "rows": ROWS, "errors": ERRORS},
+    )
     corr = [r for r in ROWS if r.get("part") == "correct"]
     if corr:
-        print(format_table(corr, ["op", "shape", "dtype", "err_o", "err_state", "err_grad_max",
-                                  "finite", "error"]))
+        print(
+            format_table(
+                corr,
+                ["op", "shape", "dtype", "err_o", "err_state", "err_grad_max", "finite", "error"],
+            )
+        )
     timed = [r for r in ROWS if r.get("part") in ("la", "lookup")]
     if timed:
-        print(format_table(timed, ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "GBps",
-                                   "frac_of_copy", "error"]))
+        print(
+            format_table(
+                timed,
+                ["op", "shape", "impl", "fwd_ms", "fwdbwd_ms", "GBps", "frac_of_copy", "error"],
+            )
+        )
     print(f"{len(ERRORS)} errors")
     return 0
 

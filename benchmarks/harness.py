@@ -108,8 +108,10 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
         return "-" if v is None else str(v)
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
-              for i, c in enumerate(columns)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(columns)
+    ]
     line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
     out = [line, "-" * len(line)]
     for row in cells:
@@ -117,8 +119,13 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def add_ratios(rows: list[dict[str, Any]], group_key: str, baseline_impl: str,
-               value: str = "fwd_ms", impl_key: str = "impl") -> None:
+def add_ratios(
+    rows: list[dict[str, Any]],
+    group_key: str,
+    baseline_impl: str,
+    value: str = "fwd_ms",
+    impl_key: str = "impl",
+) -> None:
     """Add ``ratio`` = row[value] / baseline row's value within each group."""
     base: dict[Any, float] = {}
     for r in rows:

@@ -73,13 +73,21 @@ def linear_attention(
             fwd, fb = _la_fn(variant, impl)
             tf = time_fn(fwd, q, k, v, extra, repeats=repeats, warmup=1)
             tb = time_fn(fb, q, k, v, extra, repeats=repeats, warmup=1)
-            rows.append({
-                "suite": "linear_attention", "shape": shape, "T": T, "op": variant,
-                "impl": impl, "fwd_ms": tf.median_ms, "fwdbwd_ms": tb.median_ms,
-                "spread_ms": tb.max_ms - tb.min_ms, "compile_s": tf.compile_s + tb.compile_s,
-                "tokens_per_s": B * T / (tb.median_ms * 1e-3),
-                "group": f"{shape}/{variant}",
-            })
+            rows.append(
+                {
+                    "suite": "linear_attention",
+                    "shape": shape,
+                    "T": T,
+                    "op": variant,
+                    "impl": impl,
+                    "fwd_ms": tf.median_ms,
+                    "fwdbwd_ms": tb.median_ms,
+                    "spread_ms": tb.max_ms - tb.min_ms,
+                    "compile_s": tf.compile_s + tb.compile_s,
+                    "tokens_per_s": B * T / (tb.median_ms * 1e-3),
+                    "group": f"{shape}/{variant}",
+                }
+            )
             print(rows[-1], flush=True)
     # ratio of each op/impl to its reference at the same shape (where the reference ran)
     add_ratios(rows, "group", "reference", value="fwdbwd_ms")
@@ -131,16 +139,24 @@ def lookup(shapes=((8192, 512, 512, 8), (8192, 1024, 4096, 8)), repeats=3):
     from pallas_kernels import lookup as lk
 
     rows = []
-    for (N, d_in, d_out, tau) in shapes:
+    for N, d_in, d_out, tau in shapes:
         J, R = d_in // tau, 2**tau
         shape = f"N={N} {d_in}->{d_out} tau={tau}"
         x = jax.random.normal(jax.random.key(0), (N, d_in), jnp.float32)
         w = jax.random.normal(jax.random.key(1), (d_in, d_out), jnp.float32) * d_in**-0.5
         dense = jax.jit(lambda x, w: x @ w)
         t = time_fn(dense, x, w, repeats=repeats)
-        rows.append({"suite": "lookup", "shape": shape, "impl": "dense", "fwd_ms": t.median_ms,
-                     "flops": 2 * N * d_in * d_out, "param_bytes": d_in * d_out * 4,
-                     "group": shape})
+        rows.append(
+            {
+                "suite": "lookup",
+                "shape": shape,
+                "impl": "dense",
+                "fwd_ms": t.median_ms,
+                "flops": 2 * N * d_in * d_out,
+                "param_bytes": d_in * d_out * 4,
+                "group": shape,
+            }
+        )
         idx = jax.random.randint(jax.random.key(2), (N, J), 0, R, jnp.int32)
         wts = jax.random.uniform(jax.random.key(3), (N, J), jnp.float32)
         tab = jax.random.normal(jax.random.key(4), (J, R, d_out), jnp.float32)
@@ -148,10 +164,18 @@ def lookup(shapes=((8192, 512, 512, 8), (8192, 1024, 4096, 8)), repeats=3):
             f = jax.jit(lambda i, a, b, impl=impl: lk.gather_sum(i, a, b, implementation=impl))
             t = time_fn(f, idx, wts, tab, repeats=repeats)
             moved = N * J * d_out * 4 + N * d_out * 4 + N * J * 8
-            rows.append({"suite": "lookup", "shape": shape, "impl": f"gather_sum/{impl}",
-                         "fwd_ms": t.median_ms, "flops": 2 * N * J * d_out,
-                         "param_bytes": J * R * d_out * 4,
-                         "GBps": moved / (t.median_ms * 1e-3) / 1e9, "group": shape})
+            rows.append(
+                {
+                    "suite": "lookup",
+                    "shape": shape,
+                    "impl": f"gather_sum/{impl}",
+                    "fwd_ms": t.median_ms,
+                    "flops": 2 * N * J * d_out,
+                    "param_bytes": J * R * d_out * 4,
+                    "GBps": moved / (t.median_ms * 1e-3) / 1e9,
+                    "group": shape,
+                }
+            )
         try:
             from jaxlayers.lookup import memoryformer as mf
 
@@ -159,12 +183,27 @@ def lookup(shapes=((8192, 512, 512, 8), (8192, 1024, 4096, 8)), repeats=3):
             params = mf.init(jax.random.key(5), cfg)
             f = jax.jit(lambda p, x: mf.apply(p, x, cfg))
             t = time_fn(f, params, x, repeats=repeats)
-            rows.append({"suite": "lookup", "shape": shape, "impl": "memoryformer",
-                         "fwd_ms": t.median_ms, "flops": 2 * N * J * d_out + 8 * N * d_in,
-                         "param_bytes": J * R * d_out * 4, "group": shape})
+            rows.append(
+                {
+                    "suite": "lookup",
+                    "shape": shape,
+                    "impl": "memoryformer",
+                    "fwd_ms": t.median_ms,
+                    "flops": 2 * N * J * d_out + 8 * N * d_in,
+                    "param_bytes": J * R * d_out * 4,
+                    "group": shape,
+                }
+            )
         except Exception as e:  # layer API not available: report, do not hide
-            rows.append({"suite": "lookup", "shape": shape, "impl": "memoryformer",
-                         "error": f"{type(e).__name__}: {e}", "group": shape})
+            rows.append(
+                {
+                    "suite": "lookup",
+                    "shape": shape,
+                    "impl": "memoryformer",
+                    "error": f"{type(e).__name__}: {e}",
+                    "group": shape,
+                }
+            )
         for r in rows[-3:]:
             print(r, flush=True)
     add_ratios(rows, "group", "dense", value="fwd_ms")

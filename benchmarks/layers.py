@@ -66,13 +66,26 @@ PROJECTION_HINTS: dict[str, dict[str, Callable[[int], Any]]] = {
     "memoryformer_projection": {"tau": lambda d: 8},
     "memoryformer_block": {"tau": lambda d: 8},
     "pattention": {"num_tokens": lambda d: d},
-    "pkm": {"n_sub": lambda d: 128, "k": lambda d: 32, "heads": lambda d: 4,
-            "d_key": lambda d: 128},
-    "ultramem": {"n_sub": lambda d: 128, "k": lambda d: 32, "heads": lambda d: 2,
-                 "d_key": lambda d: 64, "d_value": lambda d: 64},
+    "pkm": {
+        "n_sub": lambda d: 128,
+        "k": lambda d: 32,
+        "heads": lambda d: 4,
+        "d_key": lambda d: 128,
+    },
+    "ultramem": {
+        "n_sub": lambda d: 128,
+        "k": lambda d: 32,
+        "heads": lambda d: 2,
+        "d_key": lambda d: 64,
+        "d_value": lambda d: 64,
+    },
     # PEER's paper uses 1024^2 experts; 128^2 keeps the tables (2 x 16k x d floats) CPU-sized.
-    "peer": {"n_sub": lambda d: 128, "k": lambda d: 16, "heads": lambda d: 8,
-             "d_key": lambda d: 128},
+    "peer": {
+        "n_sub": lambda d: 128,
+        "k": lambda d: 16,
+        "heads": lambda d: 8,
+        "d_key": lambda d: 128,
+    },
 }
 
 _HEAD_FIELDS = ("num_heads", "heads", "n_heads")
@@ -132,8 +145,11 @@ def mixer_config(example_cfg: Any, d_model: int, head_dim: int, T: int) -> Any:
     for f in sorted(fields - set(changes)):
         v, d = getattr(example_cfg, f), _class_default(cls, f)
         is_int = isinstance(v, int) and not isinstance(v, bool)
-        if is_int and d is not dataclasses.MISSING and (d is None or (
-                isinstance(d, int) and not isinstance(d, bool) and d > v)):
+        if (
+            is_int
+            and d is not dataclasses.MISSING
+            and (d is None or (isinstance(d, int) and not isinstance(d, bool) and d > v))
+        ):
             changes[f] = d
     return dataclasses.replace(example_cfg, **changes)
 
@@ -222,8 +238,9 @@ def _measure(
     n = int(max(1, min(repeats, budget_s / max(one_s, 1e-9) / 2 - 2)))
     tf = time_fn(fwd_c, params, x, warmup=0, repeats=n)
     tb = time_fn(fb_c, params, x, warmup=0, repeats=n)
-    row.update(fwd_ms=tf.median_ms, fwdbwd_ms=tb.median_ms, repeats=n,
-               spread_ms=tb.max_ms - tb.min_ms)
+    row.update(
+        fwd_ms=tf.median_ms, fwdbwd_ms=tb.median_ms, repeats=n, spread_ms=tb.max_ms - tb.min_ms
+    )
     return row
 
 
@@ -243,8 +260,15 @@ def _layers_of_kind(kinds: Iterable[str], names: Sequence[str] | None) -> dict[s
 
 
 def _describe(cfg: Any) -> dict[str, Any]:
-    keys = ("num_heads", "heads", "num_kv_heads", "head_dim", "value_dim", "d_hidden",
-            "implementation")
+    keys = (
+        "num_heads",
+        "heads",
+        "num_kv_heads",
+        "head_dim",
+        "value_dim",
+        "d_hidden",
+        "implementation",
+    )
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
@@ -274,9 +298,14 @@ def mixers(
         history: list[tuple[int, float]] = []
         params_cache: dict[Any, Any] = {}
         for T in Ts:
-            row: dict[str, Any] = {"suite": "layers", "part": "mixer", "layer": name, "T": T,
-                                   "shape": f"{batch}x{T}x{d_model}",
-                                   "decode": fns.example.decode}
+            row: dict[str, Any] = {
+                "suite": "layers",
+                "part": "mixer",
+                "layer": name,
+                "T": T,
+                "shape": f"{batch}x{T}x{d_model}",
+                "decode": fns.example.decode,
+            }
             try:
                 cfg = mixer_config(fns.example.config, d_model, head_dim, T)
                 if name == "attention":
@@ -287,14 +316,19 @@ def mixers(
                     # fewest calls _measure makes: 3 fwd+bwd and 2 forward (~1/3 of one)
                     need_s = est * 1e-3 * 4
                     if need_s > budget_s:
-                        row["note"] = (f"skipped: estimated {need_s:.0f} s (fwd+bwd "
-                                       f"~{est / 1e3:.1f} s/call) > budget {budget_s:.0f} s")
+                        row["note"] = (
+                            f"skipped: estimated {need_s:.0f} s (fwd+bwd "
+                            f"~{est / 1e3:.1f} s/call) > budget {budget_s:.0f} s"
+                        )
                         rows.append(row)
                         log(str(row))
                         continue
                 # Params do not depend on T except through max_decode_len (caches only).
-                pkey = dataclasses.replace(cfg, max_decode_len=1) if hasattr(
-                    cfg, "max_decode_len") else cfg
+                pkey = (
+                    dataclasses.replace(cfg, max_decode_len=1)
+                    if hasattr(cfg, "max_decode_len")
+                    else cfg
+                )
                 if pkey not in params_cache:
                     params_cache[pkey] = fns.init(jax.random.key(0), cfg)
                 params = params_cache[pkey]
@@ -302,9 +336,17 @@ def mixers(
                 kwargs = dict(fns.example.apply_kwargs)
                 apply = lambda p, x, cfg=cfg, kw=kwargs, f=fns: f.apply(p, x, cfg, **kw)
                 x = _input((batch, T, d_model), seed=T)
-                row.update(_measure(apply, params, x, repeats=repeats, budget_s=budget_s,
-                                    mem_budget_bytes=mem_budget_bytes,
-                                    options=compiler_options))
+                row.update(
+                    _measure(
+                        apply,
+                        params,
+                        x,
+                        repeats=repeats,
+                        budget_s=budget_s,
+                        mem_budget_bytes=mem_budget_bytes,
+                        options=compiler_options,
+                    )
+                )
                 if row.get("fwdbwd_ms"):
                     history.append((T, row["fwdbwd_ms"]))
                     row["tokens_per_s"] = batch * T / (row["fwdbwd_ms"] * 1e-3)
@@ -335,8 +377,14 @@ def projections(
         layers = {n: f for n, f in layers.items() if n in names or n == "dense"}
     rows: list[dict[str, Any]] = []
     for name, fns in layers.items():
-        row: dict[str, Any] = {"suite": "layers", "part": "projection", "layer": name,
-                               "kind": fns.kind, "N": N, "shape": f"N={N} {d}->{d}"}
+        row: dict[str, Any] = {
+            "suite": "layers",
+            "part": "projection",
+            "layer": name,
+            "kind": fns.kind,
+            "N": N,
+            "shape": f"N={N} {d}->{d}",
+        }
         try:
             cfg = projection_config(name, fns.example.config, d)
             row.update(_describe(cfg))
@@ -345,8 +393,17 @@ def projections(
             kwargs = dict(fns.example.apply_kwargs)
             apply = lambda p, x, cfg=cfg, kw=kwargs, f=fns: f.apply(p, x, cfg, **kw)
             x = _input((1, N, d), seed=N)
-            row.update(_measure(apply, params, x, repeats=repeats, budget_s=budget_s,
-                                mem_budget_bytes=mem_budget_bytes, options=compiler_options))
+            row.update(
+                _measure(
+                    apply,
+                    params,
+                    x,
+                    repeats=repeats,
+                    budget_s=budget_s,
+                    mem_budget_bytes=mem_budget_bytes,
+                    options=compiler_options,
+                )
+            )
             if row.get("fwd_ms"):
                 row["tokens_per_s"] = N / (row["fwd_ms"] * 1e-3)
         except Exception as e:  # noqa: BLE001

@@ -109,19 +109,30 @@ def _fla_functions(variant: str):
     version = importlib.metadata.version("fla-core")
     if variant == "gla":
         m = _load_fla_file("ops/gla/naive.py")
-        fns = [("naive_recurrent_gla",
-                lambda t: m.naive_recurrent_gla(t["q"], t["k"], t["v"], t["g"],
-                                                output_final_state=True))]
+        fns = [
+            (
+                "naive_recurrent_gla",
+                lambda t: m.naive_recurrent_gla(
+                    t["q"], t["k"], t["v"], t["g"], output_final_state=True
+                ),
+            )
+        ]
         src = "gla/naive.py"
     elif variant == "simple_gla":
         m = _load_fla_file("ops/simple_gla/naive.py")
         fns = [
-            ("naive_recurrent_simple_gla",
-             lambda t: m.naive_recurrent_simple_gla(t["q"], t["k"], t["v"], t["g"],
-                                                    output_final_state=True)),
-            ("naive_chunk_simple_gla",
-             lambda t: m.naive_chunk_simple_gla(t["q"], t["k"], t["v"], t["g"],
-                                                output_final_state=True)),
+            (
+                "naive_recurrent_simple_gla",
+                lambda t: m.naive_recurrent_simple_gla(
+                    t["q"], t["k"], t["v"], t["g"], output_final_state=True
+                ),
+            ),
+            (
+                "naive_chunk_simple_gla",
+                lambda t: m.naive_chunk_simple_gla(
+                    t["q"], t["k"], t["v"], t["g"], output_final_state=True
+                ),
+            ),
         ]
         src = "simple_gla/naive.py"
     elif variant == "delta":
@@ -132,20 +143,29 @@ def _fla_functions(variant: str):
                 tr = lambda x: x.transpose(1, 2).contiguous()
                 res = fn(tr(t["q"]), tr(t["k"]), tr(t["v"]), tr(t["beta"]), **kw)
                 return tr(res[0]), res[1]
+
             return run
 
-        fns = [("delta_rule_recurrence", head_first(m.delta_rule_recurrence)),
-               ("delta_rule_chunkwise", head_first(m.delta_rule_chunkwise, chunk_size=32))]
+        fns = [
+            ("delta_rule_recurrence", head_first(m.delta_rule_recurrence)),
+            ("delta_rule_chunkwise", head_first(m.delta_rule_chunkwise, chunk_size=32)),
+        ]
         src = "delta_rule/naive.py"
     elif variant == "gated_delta":
         m = _load_fla_file("ops/gated_delta_rule/naive.py")
         fns = [
-            ("naive_recurrent_gated_delta_rule",
-             lambda t: m.naive_recurrent_gated_delta_rule(
-                 t["q"], t["k"], t["v"], t["beta"], t["g"], output_final_state=True)),
-            ("naive_chunk_gated_delta_rule",
-             lambda t: m.naive_chunk_gated_delta_rule(
-                 t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True)),
+            (
+                "naive_recurrent_gated_delta_rule",
+                lambda t: m.naive_recurrent_gated_delta_rule(
+                    t["q"], t["k"], t["v"], t["beta"], t["g"], output_final_state=True
+                ),
+            ),
+            (
+                "naive_chunk_gated_delta_rule",
+                lambda t: m.naive_chunk_gated_delta_rule(
+                    t["q"], t["k"], t["v"], t["g"], t["beta"], output_final_state=True
+                ),
+            ),
         ]
         src = "gated_delta_rule/naive.py"
     else:
@@ -195,10 +215,18 @@ def _ours(variant: str, impl: str) -> Callable:
 
     def fn(x):
         if variant in ("gla", "simple_gla"):
-            return la.gated_linear_attention(x["q"], x["k"], x["v"], x["g"],
-                                             return_final_state=True, implementation=impl)
-        return la.delta_rule(x["q"], x["k"], x["v"], x["beta"], x.get("g"),
-                             return_final_state=True, implementation=impl)
+            return la.gated_linear_attention(
+                x["q"], x["k"], x["v"], x["g"], return_final_state=True, implementation=impl
+            )
+        return la.delta_rule(
+            x["q"],
+            x["k"],
+            x["v"],
+            x["beta"],
+            x.get("g"),
+            return_final_state=True,
+            implementation=impl,
+        )
 
     return jax.jit(fn)
 
@@ -239,18 +267,24 @@ def peers(
             tt = {n: torch.from_numpy(a) for n, a in x.items()}
             truth = None
             cases: list[tuple[str, str, Callable, Any]] = [
-                (f"peer:{n}", source, fn, tt) for n, fn in fns]
+                (f"peer:{n}", source, fn, tt) for n, fn in fns
+            ]
             xj = {n: jnp.asarray(a) for n, a in x.items()}
             cases += [(f"jax:{impl}", "ours", _ours(variant, impl), xj) for impl in impls]
             for impl, src, fn, args in cases:
-                row: dict[str, Any] = {"suite": "peers", "variant": variant, "T": T,
-                                       "shape": shape, "impl": impl, "peer_source": src}
+                row: dict[str, Any] = {
+                    "suite": "peers",
+                    "variant": variant,
+                    "T": T,
+                    "shape": shape,
+                    "impl": impl,
+                    "peer_source": src,
+                }
                 try:
                     if impl.startswith("peer:"):
                         with torch.no_grad():
                             o, s = fn(args)
-                            t = time_fn(lambda a, fn=fn: fn(a), args, warmup=0,
-                                        repeats=repeats)
+                            t = time_fn(lambda a, fn=fn: fn(a), args, warmup=0, repeats=repeats)
                         o, s = o.numpy(), None if s is None else s.numpy()
                     else:
                         o, s = jax.device_get(fn(args))
@@ -261,16 +295,19 @@ def peers(
                     row["rel_err"] = _rel(o, truth[0])
                     if s is not None and truth[1] is not None:
                         row["state_rel_err"] = _rel(s, truth[1])
-                    row["max_abs_err"] = float(np.max(np.abs(
-                        np.asarray(o, np.float64) - np.asarray(truth[0], np.float64))))
+                    row["max_abs_err"] = float(
+                        np.max(np.abs(np.asarray(o, np.float64) - np.asarray(truth[0], np.float64)))
+                    )
                 except Exception as e:  # noqa: BLE001 - report, keep going
                     row["note"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(row)
                 log(str(row))
-    base = {(r["variant"], r["T"]): r.get("fwd_ms") for r in rows
-            if r["impl"] == truth_impl[r["variant"]]}
+    base = {
+        (r["variant"], r["T"]): r.get("fwd_ms")
+        for r in rows
+        if r["impl"] == truth_impl[r["variant"]]
+    }
     for r in rows:
         b, v = base.get((r["variant"], r["T"])), r.get("fwd_ms")
         r["ratio"] = (v / b) if (b and v) else None
     return rows
-

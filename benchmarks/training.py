@@ -55,8 +55,13 @@ def _row_for(
 
     cfg = tc.TrainConfig(
         preset=f"bench-{mixer}",
-        model=tc.ModelConfig(mixer=mixer, d_model=d_model, num_layers=num_layers,
-                             num_heads=num_heads, mlp_hidden=mlp_hidden),
+        model=tc.ModelConfig(
+            mixer=mixer,
+            d_model=d_model,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            mlp_hidden=mlp_hidden,
+        ),
         data=tc.DataConfig(task="text", seq_len=T),
         batch_size=batch,
         compute_dtype=compute_dtype,
@@ -131,17 +136,34 @@ def training(
     for mixer in mixers:
         example = core.layer_fns(mixer).example
         if example is not None and not example.decode:
-            rows.append({"suite": "training", "mixer": mixer,
-                         "note": "skipped: non-causal (Example.decode False)"})
+            rows.append(
+                {
+                    "suite": "training",
+                    "mixer": mixer,
+                    "note": "skipped: non-causal (Example.decode False)",
+                }
+            )
             log(str(rows[-1]))
             continue
         try:
-            row = _row_for(mixer, d_model=d_model, num_layers=num_layers, num_heads=num_heads,
-                           mlp_hidden=mlp_hidden, T=T, batch=batch, steps=steps,
-                           compute_dtype=compute_dtype, compiler_options=compiler_options)
+            row = _row_for(
+                mixer,
+                d_model=d_model,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                mlp_hidden=mlp_hidden,
+                T=T,
+                batch=batch,
+                steps=steps,
+                compute_dtype=compute_dtype,
+                compiler_options=compiler_options,
+            )
         except Exception as e:  # noqa: BLE001 - report the mixer, keep going
-            row = {"suite": "training", "mixer": mixer,
-                   "note": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            row = {
+                "suite": "training",
+                "mixer": mixer,
+                "note": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+            }
         rows.append(row)
         log(str(row))
     base = next((r.get("tokens_per_s") for r in rows if r["mixer"] == "attention"), None)

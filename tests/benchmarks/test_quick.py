@@ -45,8 +45,10 @@ def test_quick_all_suites(tmp_path):
 
 def test_slope_and_crossover_helpers():
     rows = [{"op": "gla", "impl": "xla", "T": t, "fwdbwd_ms": 0.01 * t} for t in (256, 512, 1024)]
-    rows += [{"op": "softmax", "impl": "xla", "T": t, "fwdbwd_ms": 1e-5 * t * t}
-             for t in (256, 512, 1024)]
+    rows += [
+        {"op": "softmax", "impl": "xla", "T": t, "fwdbwd_ms": 1e-5 * t * t}
+        for t in (256, 512, 1024)
+    ]
     s = kernels.slopes(rows)
     assert s["gla/xla"] == pytest.approx(1.0)
     assert s["softmax/xla"] == pytest.approx(2.0)
