@@ -64,7 +64,7 @@ def test_default_scale_is_inverse_sqrt_key_dim(key):
     np.testing.assert_allclose(np.asarray(o_default), np.asarray(o_explicit), rtol=1e-6)
 
 
-def test_python_scalar_and_numpy_inputs_are_accepted(key):
+def test_numpy_inputs_are_accepted(key):
     x = _inputs(key, gate="head")
     o_np = api.gated_linear_attention(
         np.asarray(x["q"]),
