@@ -342,16 +342,19 @@ def fit(
             out_shardings=(state_sh, metric_sh),
             donate_argnums=(0,),
         )
-        compiled = jitted.lower(abstract_state, abstract_batch).compile(xla_options)
-        eval_compiled = (
-            jax.jit(
-                step_lib.make_eval_step(model_cfg, loss_fn),
-                in_shardings=(param_sh, batch_shardings),
-                out_shardings={k: repl for k in ("loss_sum", "correct", "count")},
+        # Traced under the mesh so layers that need it (row-sharded memory tables:
+        # ``table_axis`` in jaxlayers.lookup) can read it with ``jax.sharding.get_abstract_mesh``.
+        with jax.set_mesh(mesh):
+            compiled = jitted.lower(abstract_state, abstract_batch).compile(xla_options)
+            eval_compiled = (
+                jax.jit(
+                    step_lib.make_eval_step(model_cfg, loss_fn),
+                    in_shardings=(param_sh, batch_shardings),
+                    out_shardings={k: repl for k in ("loss_sum", "correct", "count")},
+                )
+                .lower(abstract_state["params"], abstract_batch)
+                .compile(xla_options)
             )
-            .lower(abstract_state["params"], abstract_batch)
-            .compile(xla_options)
-        )
         compile_s = time.time() - t0
 
         # ---- describe --------------------------------------------------------------------------

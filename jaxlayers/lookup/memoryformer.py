@@ -33,6 +33,15 @@ codes (so both projections have ``J = d / tau`` tables).
 FLOPs per token: ``J * tau`` for the codes and weights plus ``J * d_out`` multiply-adds for the
 weighted sum, against ``d_in * d_out`` for Dense: about ``tau`` times fewer. Table memory is
 ``J * 2^tau * d_out`` entries; ``max_table_bytes`` guards against an accidental huge ``tau``.
+
+Row-sharded tables (``table_axis``): the ``2^tau`` rows of every table are split over the mesh
+axis ``table_axis`` of the mesh set with ``jax.set_mesh``; each device gathers and sums its own
+rows and one all-reduce of ``y [tokens, d_out]`` adds the parts
+(:func:`pallas_kernels.lookup.sharded.row_sharded_sum`). The tables' gradient stays row-sharded.
+The tables' logical axes are then ``(None, "table", None)``: map the logical name ``"table"``
+to the same mesh axis as ``table_axis`` (``train.sharding.DEFAULT_RULES`` maps it to
+``"tensor"``, so use ``table_axis="tensor"``); a mismatch is still correct but reshards the
+tables on every call.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import numpy as np
 
 from jaxlayers import core, norms
 from pallas_kernels.lookup import gather_sum
+from pallas_kernels.lookup.sharded import check_axis_args, row_sharded_sum
 
 __all__ = [
     "Config",
@@ -59,10 +69,14 @@ __all__ = [
     "bucket_weights",
     "tables_from_dense",
     "flops",
+    "ROW_AXIS",
+    "check_table_axes",
+    "table_gather_sum",
 ]
 
 WEIGHTS = ("prob", "l1_prob", "ones")
 _MAX_TAU = 30  # codes are int32 row indices
+ROW_AXIS = "table"  # logical name of the row dim of row-sharded tables (``table_axis`` set)
 
 
 def _human(nbytes: float) -> str:
@@ -85,7 +99,12 @@ class Config(core.LayerConfig):
       use_bias: add a learned bias.
       max_table_bytes: refuse configs whose tables exceed this many bytes (param dtype).
       implementation: passed to ``gather_sum`` (None: Pallas on TPU/GPU, xla on CPU).
-      table_axes: logical axes of the ``[J, 2^tau, d_out]`` tables.
+      table_axes: logical axes of the ``[J, 2^tau, d_out]`` tables; None: ``("tables", None,
+        "mlp")``, or ``(None, "table", None)`` when ``table_axis`` is set.
+      table_axis: None, or the mesh axis the tables' rows are split over (module doc); needs
+        ``jax.set_mesh(mesh)`` around the call and ``2^tau`` divisible by the axis size.
+      table_token_axis: None, or the mesh axis (or tuple of axes) the tokens are split over in
+        the sharded lookup (e.g. the batch axis ``"data"``); tokens must divide its size.
     """
 
     d_in: int
@@ -96,9 +115,12 @@ class Config(core.LayerConfig):
     use_bias: bool = True
     max_table_bytes: int = 4 << 30
     implementation: str | None = None
-    table_axes: tuple[str | None, str | None, str | None] = ("tables", None, "mlp")
+    table_axes: tuple[str | None, str | None, str | None] | None = None
+    table_axis: str | None = None
+    table_token_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        check_table_axes(self)
         if self.d_in <= 0 or self.d_out <= 0:
             raise ValueError(
                 f"d_in and d_out must be positive; got d_in={self.d_in}, d_out={self.d_out}"
@@ -120,6 +142,12 @@ class Config(core.LayerConfig):
             )
 
     @property
+    def logical_table_axes(self) -> tuple[str | None, str | None, str | None]:
+        if self.table_axes is not None:
+            return tuple(self.table_axes)
+        return ("tables", None, "mlp") if self.table_axis is None else (None, ROW_AXIS, None)
+
+    @property
     def num_tables(self) -> int:
         return self.d_in // self.tau
 
@@ -128,17 +156,60 @@ class Config(core.LayerConfig):
         return self.num_tables * (2**self.tau) * self.d_out * jnp.dtype(self.param_dtype).itemsize
 
 
+def check_table_axes(cfg) -> None:
+    """Validate the ``table_axis`` / ``table_token_axis`` fields of a memory-layer config."""
+    if cfg.table_axis is None:
+        if cfg.table_token_axis is not None:
+            raise ValueError(
+                f"table_token_axis={cfg.table_token_axis!r} needs table_axis (the mesh axis the "
+                f"table rows are split over); got table_axis=None"
+            )
+        return
+    check_axis_args(
+        cfg.table_axis, cfg.table_token_axis, axis_arg="table_axis", token_arg="table_token_axis"
+    )
+
+
+def table_gather_sum(cfg, indices, weights, tables, *, rows: int, rows_desc: str) -> jax.Array:
+    """``gather_sum`` of a memory layer: plain, or row-sharded over ``cfg.table_axis``.
+
+    ``rows`` is the global row count of ``tables [j, r, d]`` (inside a shard_map that binds
+    ``table_axis`` the tables may hold all ``rows`` rows or this shard's ``rows / m``; see
+    ``pallas_kernels.lookup.sharded.row_sharded_sum``); ``rows_desc`` names them in errors.
+    """
+    if cfg.table_axis is None:
+        return gather_sum(
+            indices, weights, tables, implementation=cfg.implementation, check_indices=False
+        )
+
+    def local(first, idx, w, tab):
+        return gather_sum(
+            idx - first, w, tab, implementation=cfg.implementation, check_indices=False
+        )
+
+    return row_sharded_sum(
+        local,
+        (indices, weights),
+        (tables,),
+        axis_name=cfg.table_axis,
+        token_axis=cfg.table_token_axis,
+        rows=rows,
+        axis_arg="table_axis",
+        token_arg="table_token_axis",
+        rows_desc=rows_desc,
+    )
+
+
 def param_specs(cfg: Config) -> dict[str, core.ParamSpec]:
     j = cfg.num_tables
+    axes = cfg.logical_table_axes
     specs = {
         "tables": core.ParamSpec(
-            (j, 2**cfg.tau, cfg.d_out),
-            core.initializers.normal(1.0 / np.sqrt(j)),
-            tuple(cfg.table_axes),
+            (j, 2**cfg.tau, cfg.d_out), core.initializers.normal(1.0 / np.sqrt(j)), axes
         )
     }
     if cfg.use_bias:
-        specs["bias"] = core.ParamSpec((cfg.d_out,), core.initializers.zeros, (cfg.table_axes[2],))
+        specs["bias"] = core.ParamSpec((cfg.d_out,), core.initializers.zeros, (axes[2],))
     return specs
 
 
@@ -180,7 +251,10 @@ def apply(params: core.Params, x: jax.Array, cfg: Config) -> jax.Array:
     codes = hash_codes(xf, cfg.tau)
     w = bucket_weights(xf, cfg.tau, cfg.temperature, cfg.weight)
     p = core.cast_floating(params, dtype)
-    y = gather_sum(codes, w, p["tables"], implementation=cfg.implementation, check_indices=False)
+    r = 2**cfg.tau
+    y = table_gather_sum(
+        cfg, codes, w, p["tables"], rows=r, rows_desc=f"the 2^tau = {r} table rows"
+    )
     if cfg.use_bias:
         y = y + p["bias"][None, :]
     return y.reshape(lead + (cfg.d_out,))
@@ -219,6 +293,7 @@ class BlockConfig(core.LayerConfig):
 
     ``up``: projection d_model -> J (tau + 2) with tau-bit codes; LayerNorm; ``down``:
     projection J (tau + 2) -> d_model with (tau + 2)-bit codes. ``J = d_model / tau``.
+    ``table_axis`` / ``table_token_axis`` apply to both projections (see :class:`Config`).
     """
 
     d_model: int
@@ -228,6 +303,8 @@ class BlockConfig(core.LayerConfig):
     eps: float = 1e-5
     max_table_bytes: int = 4 << 30
     implementation: str | None = None
+    table_axis: str | None = None
+    table_token_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         self.sub_configs()  # validates
@@ -242,6 +319,8 @@ class BlockConfig(core.LayerConfig):
             weight=self.weight,
             max_table_bytes=self.max_table_bytes,
             implementation=self.implementation,
+            table_axis=self.table_axis,
+            table_token_axis=self.table_token_axis,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )

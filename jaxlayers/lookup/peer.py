@@ -11,6 +11,16 @@ Heads share the experts. The down-projections ``<u_e, x>`` of the ``heads * k`` 
 experts are a plain gather + dot (``[n, heads*k, d_in]`` is materialised); the output sum is
 one ``gather_sum`` over the shared table ``v [1, E, d_out]`` with weights ``g * act(.)``.
 Choices: GELU (exact) activation by default, no query BatchNorm, no bias.
+
+Row-sharded experts (``table_axis``): ``down`` and ``up`` are both split by expert rows over the
+mesh axis ``table_axis`` of the mesh set with ``jax.set_mesh`` (expert ``e`` lives on one
+device with both its ``u_e`` and ``v_e``). After the (replicated) routing, each device computes
+``g_i act(<u_e, x>) v_e`` for the selected experts it owns -- the gather of ``u``, the dot and
+the weighted sum of ``v`` are all shard-local -- and one all-reduce of ``y [tokens, d_out]``
+adds the parts (:func:`pallas_kernels.lookup.sharded.row_sharded_sum`); the expert gradients
+stay row-sharded. Their logical axes are then ``("table", None)`` instead of
+``("experts", None)``: map ``"table"`` to the mesh axis named by ``table_axis``
+(``train.sharding.DEFAULT_RULES`` maps it to ``"tensor"``).
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ import numpy as np
 from jax import lax
 
 from jaxlayers import activations, core
+from jaxlayers.lookup.memoryformer import ROW_AXIS, check_table_axes
 from jaxlayers.lookup.product_key import product_key_topk
 from pallas_kernels.lookup import gather_sum
+from pallas_kernels.lookup.sharded import row_sharded_sum
 
 __all__ = ["Config", "param_specs", "apply"]
 
@@ -40,6 +52,11 @@ class Config(core.LayerConfig):
       n_sub: sub-keys per half; ``k``: experts per head; ``heads``; ``d_key`` (even).
       activation: name from ``jaxlayers.activations``.
       implementation: passed to ``gather_sum``.
+      table_axis: None, or the mesh axis the experts (rows of ``down`` and ``up``) are split
+        over (module doc); needs ``jax.set_mesh(mesh)`` around the call and ``n_sub**2``
+        divisible by the axis size.
+      table_token_axis: None, or the mesh axis (or tuple of axes) the tokens are split over in
+        the sharded expert computation (e.g. the batch axis ``"data"``).
     """
 
     d_in: int
@@ -50,8 +67,11 @@ class Config(core.LayerConfig):
     d_key: int = 128
     activation: str = "gelu"
     implementation: str | None = None
+    table_axis: str | None = None
+    table_token_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        check_table_axes(self)
         for name in ("d_in", "d_out", "n_sub", "k", "heads", "d_key"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -67,6 +87,7 @@ class Config(core.LayerConfig):
 
 def param_specs(cfg: Config) -> dict:
     half = cfg.d_key // 2
+    rows = "experts" if cfg.table_axis is None else ROW_AXIS
     return {
         "query": {
             "kernel": core.ParamSpec(
@@ -79,12 +100,12 @@ def param_specs(cfg: Config) -> dict:
         "down": core.ParamSpec(
             (cfg.num_experts, cfg.d_in),
             core.initializers.normal(1.0 / np.sqrt(cfg.d_in)),
-            ("experts", None),
+            (rows, None),
         ),
         "up": core.ParamSpec(
             (cfg.num_experts, cfg.d_out),
             core.initializers.normal(1.0 / np.sqrt(cfg.heads * cfg.k)),
-            ("experts", None),
+            (rows, None),
         ),
     }
 
@@ -104,13 +125,34 @@ def apply(params: core.Params, x: jax.Array, cfg: Config) -> jax.Array:
     q = q.reshape(n, h, 2, cfg.d_key // 2)
     s = jnp.einsum("nhtd,htsd->nhts", q, p["sub_keys"].astype(jnp.float32), precision=_HI)
     scores, ids = product_key_topk(s[:, :, 0], s[:, :, 1], k)  # [n, h, k]
-    g = jax.nn.softmax(scores, axis=-1)
+    g = jax.nn.softmax(scores, axis=-1).reshape(n, h * k)
     ids = ids.reshape(n, h * k)
-    u = p["down"][ids]  # [n, h*k, d_in]
-    pre = jnp.einsum("nd,ned->ne", xf, u, precision=_HI).astype(jnp.float32)
     act = activations.get(cfg.activation)
-    w = g.reshape(n, h * k) * act(pre)
-    y = gather_sum(ids, w, p["up"][None], implementation=cfg.implementation, check_indices=False)
+
+    def experts(first, ids, g, xf, down, up):
+        """Sum of the selected experts among rows ``[first, first + E_local)`` of down / up."""
+        local = ids - first
+        owned = (local >= 0) & (local < down.shape[1])
+        u = down[0][jnp.where(owned, local, 0)]  # [n, h*k, d_in]
+        pre = jnp.einsum("nd,ned->ne", xf, u, precision=_HI).astype(jnp.float32)
+        w = jnp.where(owned, g * act(pre), jnp.float32(0))
+        return gather_sum(local, w, up, implementation=cfg.implementation, check_indices=False)
+
+    tables = (p["down"][None], p["up"][None])
+    if cfg.table_axis is None:
+        y = experts(jnp.int32(0), ids, g, xf, *tables)
+    else:
+        y = row_sharded_sum(
+            experts,
+            (ids, g, xf),
+            tables,
+            axis_name=cfg.table_axis,
+            token_axis=cfg.table_token_axis,
+            rows=cfg.num_experts,
+            axis_arg="table_axis",
+            token_arg="table_token_axis",
+            rows_desc=f"the n_sub**2 = {cfg.num_experts} experts",
+        )
     return y.reshape(lead + (cfg.d_out,))
 
 

@@ -28,6 +28,13 @@ top-k, as in the paper). Values have width ``d_value`` and are mapped to ``d_out
 linear ``value_proj`` (a single-projector version of the paper's implicit value expansion).
 Not implemented: the multi-projector implicit value expansion, skip-layer placement, and the
 paper's auxiliary losses / initialisation schedule.
+
+Row-sharded values (``table_axis``, both layers): the ``n_sub^2`` value rows are split over the
+mesh axis ``table_axis`` of the mesh set with ``jax.set_mesh``; the query, scores and top-k are
+computed as usual, then each device gathers and sums the selected rows it owns and one
+all-reduce of ``[tokens, d]`` adds the parts (``memoryformer.table_gather_sum``). The values'
+logical axes are then ``("table", None)`` instead of ``("rows", None)``: map ``"table"`` to the
+mesh axis named by ``table_axis`` (``train.sharding.DEFAULT_RULES`` maps it to ``"tensor"``).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from jaxlayers import core
-from pallas_kernels.lookup import gather_sum
+from jaxlayers.lookup.memoryformer import ROW_AXIS, check_table_axes, table_gather_sum
 
 __all__ = [
     "Config",
@@ -88,6 +95,10 @@ class Config(core.LayerConfig):
       heads: query heads (sum of their reads).
       d_key: query / key width per head (even).
       implementation: passed to ``gather_sum``.
+      table_axis: None, or the mesh axis the value rows are split over (module doc); needs
+        ``jax.set_mesh(mesh)`` around the call and ``n_sub**2`` divisible by the axis size.
+      table_token_axis: None, or the mesh axis (or tuple of axes) the tokens are split over in
+        the sharded lookup (e.g. the batch axis ``"data"``); tokens must divide its size.
     """
 
     d_in: int
@@ -97,14 +108,27 @@ class Config(core.LayerConfig):
     heads: int = 4
     d_key: int = 128
     implementation: str | None = None
+    table_axis: str | None = None
+    table_token_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        check_table_axes(self)
         for name in ("d_in", "d_out", "n_sub", "k", "heads", "d_key"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
         core.check_divisible(self.d_key, 2, "d_key", "2 (two halves)")
         if self.k > self.n_sub:
             raise ValueError(f"k={self.k} must be <= n_sub={self.n_sub}")
+
+
+def _rows_axes(cfg) -> tuple[str | None, None]:
+    return ("rows" if cfg.table_axis is None else ROW_AXIS, None)
+
+
+def _values_sum(cfg, ids, w, values) -> jax.Array:
+    r = cfg.n_sub**2
+    desc = f"the n_sub**2 = {r} value rows"
+    return table_gather_sum(cfg, ids, w, values[None], rows=r, rows_desc=desc)
 
 
 def param_specs(cfg: Config) -> dict[str, core.ParamSpec]:
@@ -121,7 +145,7 @@ def param_specs(cfg: Config) -> dict[str, core.ParamSpec]:
         "values": core.ParamSpec(
             (cfg.n_sub**2, cfg.d_out),
             core.initializers.normal(1.0 / np.sqrt(cfg.k * cfg.heads)),
-            ("rows", None),
+            _rows_axes(cfg),
         ),
     }
 
@@ -144,13 +168,8 @@ def apply(params: core.Params, x: jax.Array, cfg: Config) -> jax.Array:
     scores, ids = product_key_topk(s[:, :, 0], s[:, :, 1], cfg.k)  # [n, h, k]
     w = jax.nn.softmax(scores, axis=-1)
     n = xf.shape[0]
-    y = gather_sum(
-        ids.reshape(n, cfg.heads * cfg.k),
-        w.reshape(n, cfg.heads * cfg.k),
-        p["values"][None],
-        implementation=cfg.implementation,
-        check_indices=False,
-    )
+    hk = cfg.heads * cfg.k
+    y = _values_sum(cfg, ids.reshape(n, hk), w.reshape(n, hk), p["values"])
     return y.reshape(lead + (cfg.d_out,))
 
 
@@ -163,8 +182,8 @@ def apply(params: core.Params, x: jax.Array, cfg: Config) -> jax.Array:
 class UltraMemConfig(core.LayerConfig):
     """UltraMem-style memory ``[..., d_in] -> [..., d_out]`` (module doc).
 
-    Attributes: as :class:`Config`, plus ``rank`` (Tucker rank r) and ``d_value`` (value width
-    before the output projection).
+    Attributes: as :class:`Config` (``table_axis`` included), plus ``rank`` (Tucker rank r) and
+    ``d_value`` (value width before the output projection).
     """
 
     d_in: int
@@ -176,8 +195,11 @@ class UltraMemConfig(core.LayerConfig):
     rank: int = 2
     d_value: int = 64
     implementation: str | None = None
+    table_axis: str | None = None
+    table_token_axis: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
+        check_table_axes(self)
         for name in ("d_in", "d_out", "n_sub", "k", "heads", "d_key", "rank", "d_value"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -217,7 +239,7 @@ def ultramem_param_specs(cfg: UltraMemConfig) -> dict:
         "values": core.ParamSpec(
             (cfg.n_sub**2, cfg.d_value),
             core.initializers.normal(1.0 / np.sqrt(cfg.k * cfg.heads)),
-            ("rows", None),
+            _rows_axes(cfg),
         ),
         "value_proj": {
             "kernel": core.ParamSpec(
@@ -260,13 +282,7 @@ def ultramem_apply(params: core.Params, x: jax.Array, cfg: UltraMemConfig) -> ja
     b = jnp.take_along_axis(i2, flat % k, axis=-1)
     ids = (a * ns + b).astype(jnp.int32)
     w = jax.nn.softmax(scores, axis=-1)
-    mem = gather_sum(
-        ids.reshape(n, h * k),
-        w.reshape(n, h * k),
-        p["values"][None],
-        implementation=cfg.implementation,
-        check_indices=False,
-    )
+    mem = _values_sum(cfg, ids.reshape(n, h * k), w.reshape(n, h * k), p["values"])
     y = jnp.matmul(mem, p["value_proj"]["kernel"], precision=_HI)
     return y.reshape(lead + (cfg.d_out,))
 
