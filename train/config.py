@@ -267,14 +267,26 @@ def _tiny() -> TrainConfig:
 def _mqar(mixer: str) -> TrainConfig:
     # No weight decay: with vocab 8192 each key/value row of the (tied) embedding is seen rarely,
     # and decaying it every step slows recall. d_model 128: at 64 the big-vocab task learns far
-    # more slowly (measured on a T=32 proxy).
+    # more slowly (measured on a T=32 proxy). Mixer-only blocks (no MLP): recall needs only the
+    # sequence mixers, and dropping the MLP cuts the step time ~25% on CPU. lr 5e-3 (2e-3 was
+    # slower, 1e-2 stalled for attention). Measured results: benchmarks/RESULTS.md "Training".
+    # Softmax attention: one 128-wide head with q/k/v/o biases. With 4 heads and no biases it sat
+    # on the 1/16-accuracy plateau (copies *a* value, not the right one) for 1300+ steps; this
+    # setting left it at step ~1000. Linear mixers keep 4 heads (Gated DeltaNet: 99.6% at 1000).
+    heads, options = (1, '{"use_bias": true}') if mixer == "attention" else (4, "{}")
     return TrainConfig(
         preset=f"mqar-{mixer}",
         model=ModelConfig(
-            mixer=mixer, d_model=128, num_layers=2, num_heads=4, mlp_hidden=256, embed_norm=True
+            mixer=mixer,
+            d_model=128,
+            num_layers=2,
+            num_heads=heads,
+            mlp_hidden=0,
+            embed_norm=True,
+            mixer_options=options,
         ),
         data=DataConfig(task="mqar", seq_len=128, vocab_size=8192, num_kv_pairs=16),
-        optim=OptimConfig(learning_rate=2e-3, warmup_steps=100, weight_decay=0.0),
+        optim=OptimConfig(learning_rate=5e-3, warmup_steps=100, weight_decay=0.0),
         steps=3000,
         batch_size=64,
         eval_every=250,

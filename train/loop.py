@@ -361,12 +361,13 @@ def fit(
         end_step = (
             cfg.steps if cfg.stop_after is None else min(cfg.steps, first_step + cfg.stop_after)
         )
-        mixers = sorted({type(b.mixer).__module__.split(".")[-1] for b in model_cfg.blocks})
+        mixers = sorted({core.layer_fns(b.mixer).name for b in model_cfg.blocks})
         m = cfg.model
+        mlp_desc = f"{m.mlp_variant} {m.mlp_hidden}" if m.mlp_hidden else "none"
         model_desc = (
             f"decoder LM: {model_cfg.num_layers} layers ({m.pattern or m.mixer}; "
             f"mixers {', '.join(mixers)}), d_model {m.d_model}, {m.num_heads} heads, "
-            f"MLP {m.mlp_variant} {m.mlp_hidden or 'none'}, vocab {data.vocab_size}, "
+            f"MLP {mlp_desc}, vocab {data.vocab_size}, "
             f"{num_params / 1e6:.3f}M params"
         )
         dev = mesh.devices.flat[0]
