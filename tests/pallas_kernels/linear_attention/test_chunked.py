@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.linear_attention import reference, xla
+from pallas_kernels.linear_attention import reference, xla, xla_gate
 from tests import tolerances
 from tests._asserts import assert_rel_close
 from tests.pallas_kernels.linear_attention import cases
@@ -158,25 +158,57 @@ def test_large_sweep(case, key):
     _check_against_reference(case, key)
 
 
-@pytest.mark.parametrize("sub_chunk", [1, pytest.param(16, marks=pytest.mark.slow)])
-def test_key_gate_sub_chunk_choice_is_invisible(sub_chunk, key):
+@pytest.mark.parametrize(
+    "limit",
+    [
+        pytest.param(0.0, id="exact-tree"),
+        # Also covered by every mild per-key case above.
+        pytest.param(np.inf, id="fast-single-reference", marks=pytest.mark.slow),
+    ],
+)
+def test_key_gate_forms_are_invisible(limit, key, monkeypatch):
+    """Both per-key intra-chunk forms (forced for every chunk) give the reference's outputs and
+    gradients on mild decays (where the single-reference form is safe)."""
+    monkeypatch.setattr(xla_gate, "LIMIT", limit)
     case = Case(1, 40, 2, 16, 16, gate="key", chunk=16, with_initial_state=True)
+    _check_against_reference(case, key)
+
+
+def test_key_gate_form_is_chosen_per_chunk(key):
+    """One chunk with strong decay (exact form) among mild ones (fast form): still exact."""
+    case = Case(1, 64, 1, 16, 16, gate="key", chunk=16, with_initial_state=True)
     x = case.make_inputs(key)
-    o, s = jax.jit(
-        lambda x: xla.gated_linear_attention(
-            x["q"],
-            x["k"],
-            x["v"],
-            x["log_decay"],
-            scale=case.K**-0.5,
-            initial_state=x["initial_state"],
-            chunk_size=16,
-            sub_chunk=sub_chunk,
-        )
-    )({n: x[n] for n in ("q", "k", "v", "log_decay", "initial_state")})
+    g = np.array(x["log_decay"])
+    g[:, 16:32] = -20.0 + np.tanh(g[:, 16:32])  # chunk 1: total decay ~ -320 per key dim
+    x = {**x, "log_decay": jnp.asarray(g)}
+    big_g = jnp.cumsum(x["log_decay"].reshape(1, 4, 16, 1, 16), axis=2)
+    span = jnp.max(jnp.abs(big_g - 0.5 * big_g[:, :, -1:]), axis=(0, 2, 3, 4))
+    assert float(span[1]) > xla_gate.LIMIT > float(jnp.max(span[jnp.array([0, 2, 3])]))
     o_ref, s_ref = _run(reference, case, x)
-    assert_rel_close(o, o_ref, tolerances.forward(F32), "o")
-    assert_rel_close(s, s_ref, tolerances.forward(F32), "final_state")
+    ct = (cases.normal(key, o_ref.shape, F32), cases.normal(key, s_ref.shape, F32))
+    (o, s), g_xla = _vjp(xla, case, x, ct)
+    _, g_ref = _vjp(reference, case, x, ct)
+    assert_rel_close(o, o_ref, tolerances.RECURRENT_FORWARD[jnp.dtype(F32)], "o")
+    for name in g_xla:
+        assert_rel_close(g_xla[name], g_ref[name], tolerances.grad(F32), f"d{name}")
+
+
+@pytest.mark.parametrize("op", ["gla", "delta"])
+def test_traced_scale_gradients(op, key):
+    """A traced ``scale`` (an array under jit) is differentiated like the reference."""
+    case = Case(1, 20, 1, 16, 16, gate="head", chunk=16, op=op)
+    x = case.make_inputs(key)
+
+    def loss(impl, q, scale):
+        o, _ = _run(impl, case, {**x, "q": q, "scale": scale})
+        return jnp.sum(o * x["v"])
+
+    grad = jax.jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)
+    scale = jnp.asarray(0.3, F32)
+    for got, want, name in zip(
+        grad(xla, x["q"], scale), grad(reference, x["q"], scale), ("dq", "dscale"), strict=True
+    ):
+        assert_rel_close(got, want, tolerances.grad(F32), name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +304,13 @@ def test_delta_rule_orthonormal_keys_retrieve_values(key):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_unit_lower_inverse_and_its_gradient(key):
+@pytest.mark.parametrize("c", [32, 24], ids=["doubling", "substitution"])
+def test_unit_lower_inverse_and_its_gradient(c, key):
     ka, kc = jax.random.split(key)
     # Entries of the size the delta rule produces (|beta k_i.k_j| < 1 for unit keys).
-    a = 0.3 * cases.normal(ka, (3, 32, 32), F32)
-    ct = cases.normal(kc, (3, 32, 32), F32)
-    eye = jnp.eye(32, dtype=F32)[None]
+    a = 0.3 * cases.normal(ka, (3, c, c), F32)
+    ct = cases.normal(kc, (3, c, c), F32)
+    eye = jnp.eye(c, dtype=F32)[None]
     y, pull = jax.vjp(xla.unit_lower_inverse, a)
     y_ref, pull_ref = jax.vjp(lambda a: jnp.linalg.inv(eye + jnp.tril(a, -1)), a)
     assert_rel_close(y, y_ref, tolerances.forward(F32), "inverse")
