@@ -25,9 +25,11 @@ def _la_inputs(B, T, H, D, variant, dtype=jnp.float32):
         extra["log_decay"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H, D)) + 3.0)
     if variant == "scalar":
         extra["log_decay"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 3.0)
-    if variant == "delta":
+    if variant in ("delta", "gated_delta"):
         k = (k / jnp.linalg.norm(k, axis=-1, keepdims=True)).astype(dtype)
         extra["beta"] = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, H)))
+    if variant == "gated_delta":
+        extra["log_decay"] = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 3.0)
     return q, k, v, extra
 
 
@@ -37,8 +39,10 @@ def _la_fn(variant: str, impl: str):
     def fwd(q, k, v, extra):
         if variant == "softmax":
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-        if variant == "delta":
-            return la.delta_rule(q, k, v, extra["beta"], implementation=impl)
+        if variant in ("delta", "gated_delta"):
+            return la.delta_rule(
+                q, k, v, extra["beta"], extra.get("log_decay"), implementation=impl
+            )
         return la.gated_linear_attention(q, k, v, extra.get("log_decay"), implementation=impl)
 
     def loss(q, k, v, extra):
