@@ -38,7 +38,7 @@ Params: ``"ssm"`` ``{"log_dt": [d], "c": [d, N], "d": [d]}`` and ``"o"`` ``{"ker
 "bias": [d]}``.
 
 Decode state: ``{"x": [b, d, N]}`` float32. ``step`` re-discretises (``O(d N^3)`` per call, a
-batched solve); :func:`discretize` is public for callers that want to cache ``Ā, B̄``.
+batched triangular solve); :func:`discretize` is public for callers that want to cache ``Ā, B̄``.
 
 ``segment_ids`` (state reset where the id changes) works with ``mode="recurrent"`` only; the
 FFT convolution cannot reset and raises ``NotImplementedError``. ``positions`` is ignored.
@@ -158,7 +158,10 @@ def discretize(ssm: core.Params, cfg: Config) -> tuple[jax.Array, jax.Array]:
     eye = jnp.eye(cfg.state_size, dtype=jnp.float32)[None]
     lhs = eye - 0.5 * dt * a[None]
     rhs = jnp.concatenate([eye + 0.5 * dt * a[None], dt * b[None, :, None]], axis=-1)
-    sol = jnp.linalg.solve(lhs, rhs)  # [d, N, N + 1]
+    # lhs is lower triangular (A is), so a triangular solve is exact and needs no LU. It also
+    # avoids an intermittent hang measured with jax/jaxlib 0.10.2 on CPU when one jitted program
+    # holds two batched ``jnp.linalg.solve`` calls (two lssl layers in one LM step).
+    sol = jax.lax.linalg.triangular_solve(lhs, rhs, left_side=True, lower=True)  # [d, N, N + 1]
     return sol[..., :-1], sol[..., -1]
 
 
