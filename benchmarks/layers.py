@@ -272,6 +272,15 @@ def _describe(cfg: Any) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}
 
 
+def _measure_layer(fns, cfg, params: Any, x: jax.Array, **opts: Any) -> dict[str, Any]:
+    """``_measure`` of a registered layer's ``apply`` (with its example's apply kwargs)."""
+    from jaxlayers import core
+
+    kwargs = dict(fns.example.apply_kwargs)
+    apply = lambda p, x: fns.apply(p, x, cfg, **kwargs)
+    return {"params": core.count_params(params), **_measure(apply, params, x, **opts)}
+
+
 def mixers(
     Ts: Sequence[int] = (1024, 4096, 16384),
     *,
@@ -331,15 +340,12 @@ def mixers(
                 )
                 if pkey not in params_cache:
                     params_cache[pkey] = fns.init(jax.random.key(0), cfg)
-                params = params_cache[pkey]
-                row["params"] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
-                kwargs = dict(fns.example.apply_kwargs)
-                apply = lambda p, x, cfg=cfg, kw=kwargs, f=fns: f.apply(p, x, cfg, **kw)
                 x = _input((batch, T, d_model), seed=T)
                 row.update(
-                    _measure(
-                        apply,
-                        params,
+                    _measure_layer(
+                        fns,
+                        cfg,
+                        params_cache[pkey],
                         x,
                         repeats=repeats,
                         budget_s=budget_s,
@@ -388,15 +394,12 @@ def projections(
         try:
             cfg = projection_config(name, fns.example.config, d)
             row.update(_describe(cfg))
-            params = fns.init(jax.random.key(0), cfg)
-            row["params"] = int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
-            kwargs = dict(fns.example.apply_kwargs)
-            apply = lambda p, x, cfg=cfg, kw=kwargs, f=fns: f.apply(p, x, cfg, **kw)
             x = _input((1, N, d), seed=N)
             row.update(
-                _measure(
-                    apply,
-                    params,
+                _measure_layer(
+                    fns,
+                    cfg,
+                    fns.init(jax.random.key(0), cfg),
                     x,
                     repeats=repeats,
                     budget_s=budget_s,

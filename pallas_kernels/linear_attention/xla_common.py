@@ -136,3 +136,21 @@ def static_scale(scale):
         return float(scale), None
     except (TypeError, jax.errors.ConcretizationTypeError):
         return None, scale
+
+
+def prepare(q, k, v, scale, initial_state, chunk_size):
+    """The shared preamble of the chunked ops.
+
+    Returns ``(fixed_scale, q, s0, tp)``: a traced ``scale`` is folded into ``q`` (so it stays
+    differentiable outside the ops' custom_vjp) and the static scale becomes 1; ``s0`` is the
+    float32 initial state (zeros if None); ``tp`` is ``t`` rounded up to the chunk size.
+    """
+    b, t, h, dk = q.shape
+    fixed, traced = static_scale(scale)
+    if traced is not None:
+        q, fixed = jnp.asarray(q, jnp.float32) * traced, 1.0
+    if initial_state is None:
+        s0 = jnp.zeros((b, h, dk, v.shape[-1]), jnp.float32)
+    else:
+        s0 = jnp.asarray(initial_state, jnp.float32)
+    return fixed, q, s0, -(-t // chunk_size) * chunk_size

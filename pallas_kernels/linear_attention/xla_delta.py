@@ -41,9 +41,9 @@ from .xla_common import (
     gate_sums_bwd,
     neg_inf_exp,
     pad_time,
+    prepare,
     put,
     runs_of,
-    static_scale,
     take,
     vec,
     where0,
@@ -300,19 +300,11 @@ def delta_rule(
     Returns:
       ``(o [b, t, h, v] float32, final_state [b, h, k, v] float32)``.
     """
-    b, t, h, dk = q.shape
-    dv = v.shape[-1]
+    b, t = q.shape[:2]
     c = chunk_size
-    tp = -(-t // c) * c
-    fixed, traced = static_scale(scale)
-    if traced is not None:
-        q, fixed = jnp.asarray(q, jnp.float32) * traced, 1.0
+    fixed, q, s0, tp = prepare(q, k, v, scale, initial_state, c)
     beta = jnp.asarray(beta, jnp.float32)
     g = None if log_decay is None else jnp.asarray(log_decay, jnp.float32)
-    if initial_state is None:
-        s0 = jnp.zeros((b, h, dk, dv), jnp.float32)
-    else:
-        s0 = jnp.asarray(initial_state, jnp.float32)
     q, k, v, beta, g = (pad_time(x, tp) for x in (q, k, v, beta, g))
     runs = runs_of(segment_ids, b, t, tp)
     o, final = _delta(fixed, c, q, k, v, beta, g, s0, runs)

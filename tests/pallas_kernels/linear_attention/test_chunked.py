@@ -189,6 +189,7 @@ def test_key_gate_form_is_chosen_per_chunk(key):
     (o, s), g_xla = _vjp(xla, case, x, ct)
     _, g_ref = _vjp(reference, case, x, ct)
     assert_rel_close(o, o_ref, tolerances.RECURRENT_FORWARD[jnp.dtype(F32)], "o")
+    assert_rel_close(s, s_ref, tolerances.RECURRENT_FORWARD[jnp.dtype(F32)], "final_state")
     for name in g_xla:
         assert_rel_close(g_xla[name], g_ref[name], tolerances.grad(F32), f"d{name}")
 
